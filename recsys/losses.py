@@ -1,0 +1,147 @@
+"""In-batch sampled softmax for two towers: a pure function of embeddings.
+
+Gradient convention (what the 2-worker vs 1-worker test checks): each rank's loss is the
+(weighted) mean over its LOCAL rows, while its candidates are the items of the GLOBAL batch,
+gathered with an autograd-aware all_gather. The all_gather backward sums every rank's gradient
+into the local item embeddings, and DeepSpeed/DDP then average parameter gradients over ranks,
+so with equal local batch sizes (and unweighted or equally weighted rows) the update equals
+that of one worker computing the mean loss over the whole global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+_MASK_VALUE = -1e4  # finite so bf16 logits never produce NaN through -inf - -inf
+
+
+def item_key(item_id: str) -> int:
+    """Stable non-negative 63-bit key for an item id (the same in every process and run)."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def sampled_softmax_loss(
+    q: torch.Tensor,  # (batch, dim) query/user embeddings
+    d: torch.Tensor,  # (batch, dim) positive item embeddings, row-aligned with q
+    *,
+    temperature: float | torch.Tensor,
+    weights: torch.Tensor | None = None,  # (batch,) example weights (event strength)
+    item_keys: torch.Tensor | None = None,  # (batch,) int64 key of each positive item
+    dup_keys: torch.Tensor | None = None,  # (batch,) int64 duplicate group of each positive
+    history_keys: torch.Tensor | None = None,  # (batch, H) int64 item keys in the row's history, -1 pad
+    logq: torch.Tensor | None = None,  # (batch,) log sampling probability of each positive item
+    hard_negatives: torch.Tensor | None = None,  # (batch, n, dim) extra negatives per row
+    gather: bool = True,
+) -> torch.Tensor:
+    """Softmax over the global batch's items; accidental hits masked; logQ-corrected."""
+    rank, world = _world()
+    b = q.shape[0]
+    if gather and world > 1:
+        d_all = _gather_with_grad(d)  # (world * batch, dim)
+        gather_keys = _gather_no_grad
+        offset = rank * b
+    else:
+        d_all = d
+        gather_keys = lambda t: t  # noqa: E731
+        offset = 0
+    logits = q @ d_all.T / temperature  # (batch, N)
+    if logq is not None:
+        # Popular items are sampled as negatives more often; subtracting log Q(item) removes
+        # that bias from the sampled softmax (Yi et al., 2019).
+        logits = logits - gather_keys(logq.to(logits.dtype))[None, :]
+    labels = torch.arange(b, device=q.device) + offset  # (batch,)
+    mask = torch.zeros_like(logits, dtype=torch.bool)  # (batch, N) True = not a negative
+    if item_keys is not None:
+        keys_all = gather_keys(item_keys)  # (N,)
+        mask |= item_keys[:, None] == keys_all[None, :]
+        if history_keys is not None and history_keys.numel():
+            in_hist = (history_keys[:, :, None] == keys_all[None, None, :]) & (history_keys[:, :, None] >= 0)
+            mask |= in_hist.any(dim=1)
+    if dup_keys is not None:
+        dups_all = gather_keys(dup_keys)
+        mask |= dup_keys[:, None] == dups_all[None, :]
+    mask[torch.arange(b, device=q.device), labels] = False
+    logits = logits.masked_fill(mask, _MASK_VALUE)
+    if hard_negatives is not None:
+        hn = torch.einsum("bd,bnd->bn", q, hard_negatives) / temperature  # (batch, n)
+        logits = torch.cat([logits, hn], dim=1)
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none")  # (batch,)
+    if weights is None:
+        return per_row.mean()
+    w = weights.to(per_row.dtype)
+    return (per_row * w).sum() / w.sum().clamp(min=1e-12)
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """The loss with its settings; a learnable temperature is log-parameterised."""
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        learn_temperature: bool = False,
+        gather: bool = True,
+        logq_correction: bool = True,
+        mask_history: bool = True,
+        mask_duplicates: bool = True,
+    ) -> None:
+        super().__init__()
+        log_t = torch.tensor(float(temperature)).log()
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+        self.gather = gather
+        self.logq_correction = logq_correction
+        self.mask_history = mask_history
+        self.mask_duplicates = mask_duplicates
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=1e-3, max=1.0)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        item_keys: torch.Tensor | None = None,
+        dup_keys: torch.Tensor | None = None,
+        history_keys: torch.Tensor | None = None,
+        logq: torch.Tensor | None = None,
+        hard_negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return sampled_softmax_loss(
+            q,
+            d,
+            temperature=self.temperature,
+            weights=weights,
+            item_keys=item_keys,
+            dup_keys=dup_keys if self.mask_duplicates else None,
+            history_keys=history_keys if self.mask_history else None,
+            logq=logq if self.logq_correction else None,
+            hard_negatives=hard_negatives,
+            gather=self.gather,
+        )

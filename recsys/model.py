@@ -1,0 +1,165 @@
+"""Two towers over a pretrained Hugging Face encoder, and their export.
+
+The query/user tower and the item tower share one encoder by default (the transfer works best
+when both sides live in the pretrained space); `separate_towers` gives each side its own copy.
+The export opens with plain `transformers` and `sentence-transformers`, no recsys import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from recsys.config import ModelConfig
+from recsys.encoder import RECSYS_META, pool, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def _load_encoder(path: str, dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoModel
+
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    try:
+        # An unused pooler leaves parameters without gradients, which breaks DDP/ZeRO reduction.
+        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+    except TypeError:
+        return AutoModel.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(mcfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(mcfg.name_or_path))
+
+
+class TwoTower(nn.Module):
+    def __init__(self, query_encoder: nn.Module, item_encoder: nn.Module | None, mcfg: ModelConfig) -> None:
+        super().__init__()
+        self.query_encoder = query_encoder
+        # None = shared weights; registering the same module twice would double-count params.
+        self.item_encoder = item_encoder
+        self.pooling = mcfg.pooling
+        self.normalize = mcfg.normalize
+        hidden = int(query_encoder.config.hidden_size)
+        self.projection = (
+            nn.Linear(hidden, mcfg.projection_dim, bias=False) if mcfg.projection_dim > 0 else None
+        )
+
+    def _encode(self, encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, hidden)
+        emb = pool(hidden, attention_mask, self.pooling)  # (batch, hidden)
+        if self.projection is not None:
+            emb = self.projection(emb)  # (batch, dim)
+        if self.normalize:
+            emb = nn.functional.normalize(emb, dim=-1)
+        return emb
+
+    def encode_query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.query_encoder, input_ids, attention_mask)  # (batch, dim)
+
+    def encode_item(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        enc = self.item_encoder if self.item_encoder is not None else self.query_encoder
+        return self._encode(enc, input_ids, attention_mask)  # (batch, dim)
+
+    def forward(
+        self, q_ids: torch.Tensor, q_mask: torch.Tensor, d_ids: torch.Tensor, d_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_query(q_ids, q_mask), self.encode_item(d_ids, d_mask)
+
+
+def build_two_tower(mcfg: ModelConfig, dtype: torch.dtype | None = None) -> TwoTower:
+    path = resolve_model_path(mcfg.name_or_path)
+    query = _load_encoder(path, dtype)
+    item = _load_encoder(path, dtype) if mcfg.separate_towers else None
+    return TwoTower(query, item, mcfg)
+
+
+def _write_sentence_transformers(encoder: nn.Module, tokenizer: Any, out: Path, mcfg: ModelConfig, projection: nn.Linear | None, max_tokens: int) -> None:
+    """HF weights + tokenizer + the module files sentence-transformers reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    hidden = int(encoder.config.hidden_size)
+    modules: list[dict[str, Any]] = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": hidden,
+                "pooling_mode_cls_token": mcfg.pooling == "cls",
+                "pooling_mode_mean_tokens": mcfg.pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            },
+            indent=2,
+        )
+    )
+    if projection is not None:
+        from safetensors.torch import save_file
+
+        dense = out / "2_Dense"
+        dense.mkdir(exist_ok=True)
+        (dense / "config.json").write_text(
+            json.dumps(
+                {
+                    "in_features": hidden,
+                    "out_features": projection.out_features,
+                    "bias": False,
+                    "activation_function": "torch.nn.modules.linear.Identity",
+                }
+            )
+        )
+        save_file({"linear.weight": projection.weight.detach().float().contiguous()}, str(dense / "model.safetensors"))
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if mcfg.normalize:
+        idx = len(modules)
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (out / f"{idx}_Normalize").mkdir(exist_ok=True)
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_tokens, "do_lower_case": False}))
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": mcfg.query_prefix, "document": mcfg.item_prefix}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    )
+
+
+def export_model(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write the consolidated model: a sentence-transformers folder (HF weights inside) per tower.
+
+    Call on one process with full (gathered, fp32) parameters.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if mcfg.separate_towers and model.item_encoder is not None:
+        _write_sentence_transformers(model.query_encoder, tokenizer, out / "query", mcfg, model.projection, mcfg.max_query_tokens)
+        _write_sentence_transformers(model.item_encoder, tokenizer, out / "item", mcfg, model.projection, mcfg.max_item_tokens)
+    else:
+        # One folder serves both sides; item length is the common default for ST users.
+        _write_sentence_transformers(model.query_encoder, tokenizer, out, mcfg, model.projection, mcfg.max_item_tokens)
+    if model.projection is not None:
+        torch.save(model.projection.weight.detach().float().cpu(), out / "projection.pt")
+    meta = {
+        "pooling": mcfg.pooling,
+        "normalize": mcfg.normalize,
+        "max_query_tokens": mcfg.max_query_tokens,
+        "max_item_tokens": mcfg.max_item_tokens,
+        "query_prefix": mcfg.query_prefix,
+        "item_prefix": mcfg.item_prefix,
+        "separate_towers": mcfg.separate_towers,
+        "user_history_items": mcfg.user_history_items,
+        "projection_dim": mcfg.projection_dim,
+        "base_model": mcfg.name_or_path,
+    }
+    (out / RECSYS_META).write_text(json.dumps(meta, indent=2))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    log.info("exported model to %s", out)
+    return out

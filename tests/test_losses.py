@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from recsys.losses import SampledSoftmaxLoss, item_key, sampled_softmax_loss
+from recsys.storage import free_port
+
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+D = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+# Dot products: row0 -> [1.0, 0.6]; row1 -> [0.0, 0.8]
+
+
+def _ce(logits: list[float], target: int) -> float:
+    return -logits[target] + math.log(sum(math.exp(x) for x in logits))
+
+
+def test_plain_in_batch_softmax_by_hand() -> None:
+    t = 0.5
+    expected = (_ce([1.0 / t, 0.6 / t], 0) + _ce([0.0 / t, 0.8 / t], 1)) / 2
+    got = sampled_softmax_loss(Q, D, temperature=t)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_same_item_duplicate_and_history_are_never_negatives() -> None:
+    t = 1.0
+    alone = (_ce([1.0], 0) + _ce([0.8], 0)) / 2  # == 0: each row's only candidate is its positive
+    same = sampled_softmax_loss(Q, D, temperature=t, item_keys=torch.tensor([7, 7]))
+    dup = sampled_softmax_loss(Q, D, temperature=t, item_keys=torch.tensor([1, 2]), dup_keys=torch.tensor([5, 5]))
+    hist = sampled_softmax_loss(
+        Q, D, temperature=t, item_keys=torch.tensor([1, 2]), history_keys=torch.tensor([[2, -1], [1, -1]])
+    )
+    for got in (same, dup, hist):
+        assert got.item() == pytest.approx(alone, abs=1e-4)
+    # History masks only the listed item: row 0 with item 2 in history, row 1 unmasked.
+    half = sampled_softmax_loss(Q, D, temperature=t, item_keys=torch.tensor([1, 2]), history_keys=torch.tensor([[2], [-1]]))
+    assert half.item() == pytest.approx((0.0 + _ce([0.0, 0.8], 1)) / 2, abs=1e-4)
+
+
+def test_logq_weights_and_hard_negatives_by_hand() -> None:
+    t = 1.0
+    logq = torch.tensor([math.log(0.5), math.log(0.1)])
+    got = sampled_softmax_loss(Q, D, temperature=t, logq=logq)
+    r0 = _ce([1.0 - math.log(0.5), 0.6 - math.log(0.1)], 0)
+    r1 = _ce([0.0 - math.log(0.5), 0.8 - math.log(0.1)], 1)
+    assert got.item() == pytest.approx((r0 + r1) / 2, rel=1e-5)
+    w = torch.tensor([3.0, 1.0])
+    got_w = sampled_softmax_loss(Q, D, temperature=t, weights=w)
+    assert got_w.item() == pytest.approx((3 * _ce([1.0, 0.6], 0) + _ce([0.0, 0.8], 1)) / 4, rel=1e-6)
+    hn = torch.tensor([[[0.0, 1.0]], [[1.0, 1.0]]])  # row0 extra logit 0.0; row1 extra logit 1.0
+    got_h = sampled_softmax_loss(Q, D, temperature=t, hard_negatives=hn)
+    assert got_h.item() == pytest.approx((_ce([1.0, 0.6, 0.0], 0) + _ce([0.0, 0.8, 1.0], 1)) / 2, rel=1e-6)
+
+
+def test_module_learnable_temperature_and_item_key() -> None:
+    loss = SampledSoftmaxLoss(temperature=0.1, learn_temperature=True)
+    out = loss(Q, D)
+    out.backward()
+    assert loss.log_temperature.grad is not None
+    assert item_key("P000001") == item_key("P000001") >= 0 and item_key("a") != item_key("b")
+
+
+def _global_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "xq": torch.randn(8, 6, generator=g),
+        "xd": torch.randn(8, 6, generator=g),
+        "keys": torch.tensor([1, 2, 3, 4, 5, 6, 7, 1]),
+        "dups": torch.tensor([10, 11, 12, 13, 14, 15, 16, 10]),
+        "hist": torch.tensor([[2, -1]] * 4 + [[-1, -1]] * 4),
+        "logq": torch.log(torch.linspace(0.05, 0.3, 8)),
+    }
+
+
+def _tower() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 4, bias=False)
+
+
+def _loss(tower, b, sl) -> torch.Tensor:
+    q = torch.nn.functional.normalize(tower(b["xq"][sl]), dim=-1)
+    d = torch.nn.functional.normalize(tower(b["xd"][sl]), dim=-1)
+    return sampled_softmax_loss(
+        q, d, temperature=0.2, item_keys=b["keys"][sl], dup_keys=b["dups"][sl],
+        history_keys=b["hist"][sl], logq=b["logq"][sl],
+    )
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    b, tower = _global_batch(), _tower()
+    half = 8 // world
+    loss = _loss(tower, b, slice(rank * half, (rank + 1) * half))
+    loss.backward()
+    grad = tower.weight.grad.clone()
+    dist.all_reduce(grad)
+    grad /= world  # what DeepSpeed / DDP do to parameter gradients
+    lt = loss.detach().clone()
+    dist.all_reduce(lt)
+    if rank == 0:
+        torch.save({"grad": grad, "loss": lt / world}, out)
+    dist.destroy_process_group()
+
+
+def test_two_workers_match_one_worker_on_the_same_global_batch(tmp_path) -> None:
+    b, tower = _global_batch(), _tower()
+    ref = _loss(tower, b, slice(0, 8))
+    ref.backward()
+    out = str(tmp_path / "g.pt")
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+    assert got["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(got["grad"], tower.weight.grad, rtol=1e-5, atol=1e-6)
+    # Without gathering, each worker sees only half the negatives: a different objective.
+    local = _loss(_tower(), b, slice(0, 4))
+    assert abs(local.item() - ref.item()) > 1e-3
