@@ -1,0 +1,363 @@
+"""Distributed fine-tuning: Ray Train `TorchTrainer` workers running a DeepSpeed ZeRO engine.
+
+    run(cfg) -> summary dict (final loss, steps, examples/s, export path)
+
+Data comes from `ray.train.get_dataset_shard("train")` (Ray Data streams the example shards);
+each worker joins item text / duplicate group / popularity from the small items table,
+tokenises, and steps a DeepSpeed engine (client torch AdamW, ZeRO stage from the config, gloo on
+CPU, nccl on GPU). Every rank reports; every rank saves its DeepSpeed shard into the checkpoint
+Ray merges; a re-run or a restarted worker resumes from `ray.train.get_checkpoint()`. At the end
+the ZeRO-3 shards are gathered and one consolidated model is exported (HF + sentence-transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from recsys import paths, storage
+from recsys.config import Config, config_from_dict, to_dict, to_yaml
+from recsys.encoder import render_user_text
+from recsys.losses import SampledSoftmaxLoss, item_key
+from recsys.runtime import ensure_ray
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "recsys_state.json"
+DS_TAG = "ds"
+
+
+class ItemTable:
+    """Per-item lookups the collate needs: text, key, duplicate group, log sampling probability."""
+
+    def __init__(self, table: Any) -> None:
+        ids = table.column("item_id").to_pylist()
+        texts = table.column("text").to_pylist()
+        dups = table.column("dup_group").to_numpy()
+        pop = table.column("popularity").to_numpy().astype(np.float64) + 1.0
+        logq = np.log(pop / pop.sum())
+        self.index = {i: n for n, i in enumerate(ids)}
+        self.texts = texts
+        self.keys = np.array([item_key(i) for i in ids], dtype=np.int64)
+        # Offset dup groups so they never collide with an item key.
+        self.dups = dups.astype(np.int64)
+        self.logq = logq.astype(np.float32)
+
+    @staticmethod
+    def load(cfg: Config) -> ItemTable:
+        uri = paths.items(cfg)
+        fs, path = storage.filesystem(uri, cfg.storage)
+        return ItemTable(pq.read_table(path, filesystem=fs))
+
+    def rows(self, item_ids: list[str], where: str) -> np.ndarray:
+        missing = [i for i in item_ids if i not in self.index]
+        if missing:
+            raise KeyError(f"{where}: item ids {missing[:5]} are not in the items table")
+        return np.array([self.index[i] for i in item_ids], dtype=np.int64)
+
+
+def collate(batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
+    """A numpy batch of examples -> tensors for the towers and the loss."""
+    m = cfg.model
+    pos = items.rows(list(batch["item_id"]), "training example")
+    queries, hist_keys = [], []
+    for query, history in zip(batch["query"], batch["history"], strict=True):
+        hist = [h for h in (list(history) if history is not None else []) if h in items.index]
+        rows = [items.index[h] for h in hist]
+        queries.append(m.query_prefix + render_user_text(query, [items.texts[r] for r in rows], m.user_history_items))
+        hist_keys.append(items.keys[rows] if rows else np.zeros(0, dtype=np.int64))
+    width = max(1, max(len(h) for h in hist_keys))
+    hk = np.full((len(hist_keys), width), -1, dtype=np.int64)
+    for i, h in enumerate(hist_keys):
+        hk[i, : len(h)] = h
+    q = tokenizer(queries, padding=True, truncation=True, max_length=m.max_query_tokens, return_tensors="pt")
+    d = tokenizer([m.item_prefix + items.texts[r] for r in pos], padding=True, truncation=True, max_length=m.max_item_tokens, return_tensors="pt")
+    return {
+        "q_ids": q["input_ids"],
+        "q_mask": q["attention_mask"],
+        "d_ids": d["input_ids"],
+        "d_mask": d["attention_mask"],
+        "weights": torch.as_tensor(np.asarray(batch["weight"], dtype=np.float32)),
+        "item_keys": torch.as_tensor(items.keys[pos]),
+        "dup_keys": torch.as_tensor(items.dups[pos]),
+        "history_keys": torch.as_tensor(hk),
+        "logq": torch.as_tensor(items.logq[pos]),
+    }
+
+
+class TrainStep(nn.Module):
+    """Towers + loss in one module, so DeepSpeed owns every trainable parameter (incl. temperature)."""
+
+    def __init__(self, towers: nn.Module, loss: SampledSoftmaxLoss) -> None:
+        super().__init__()
+        self.towers = towers
+        self.loss = loss
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, d = self.towers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"])
+        return self.loss(
+            q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
+            history_keys=b["history_keys"], logq=b["logq"],
+        )
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        # We pass torch's AdamW: no C++ op build, and the same optimizer on CPU and GPU.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _lr_lambda(warmup: int, total: int):  # noqa: ANN202
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def _write_metrics(cfg: Config, rows: list[dict[str, Any]]) -> None:
+    body = "".join(json.dumps(r) + "\n" for r in rows)
+    storage.write_bytes(paths.metrics_file(cfg), body.encode(), cfg.storage)
+
+
+def _read_metrics(cfg: Config) -> list[dict[str, Any]]:
+    try:
+        text = storage.read_bytes(paths.metrics_file(cfg), cfg.storage).decode()
+    except (FileNotFoundError, OSError):
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, rank: int) -> str:
+    """Gather (ZeRO-3) full parameters, rebuild a plain fp32 model on rank 0 and export it."""
+    import deepspeed
+
+    from recsys.model import build_two_tower, export_model
+
+    out_uri = paths.export_dir(cfg)
+    params = list(step_module.towers.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3 else _nullcontext()
+    with ctx:
+        if rank == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in step_module.towers.state_dict().items()}
+            fresh = build_two_tower(cfg.model, dtype=torch.float32)
+            fresh.load_state_dict(state)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "export"
+                export_model(fresh, tokenizer, cfg.model, to_dict(cfg), local)
+                if storage.is_remote(out_uri):
+                    storage.upload_dir(local, out_uri, cfg.storage)
+                else:
+                    import shutil
+
+                    shutil.rmtree(out_uri, ignore_errors=True)
+                    shutil.copytree(local, out_uri)
+    return out_uri
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from recsys.model import build_two_tower, load_tokenizer
+
+    cfg = config_from_dict(config["cfg"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed)
+    items = ItemTable.load(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    module = TrainStep(
+        build_two_tower(cfg.model),
+        SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history, t.mask_duplicates),
+    )
+    optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
+    # Every engine start would otherwise JIT-build a shared-memory op used only for inference.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    device = engine.device
+
+    metrics_rows: list[dict[str, Any]] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG)
+        if rank == 0:
+            metrics_rows = [r for r in _read_metrics(cfg) if r["step"] <= engine.global_steps]
+            log.info("resumed from checkpoint at step %d", engine.global_steps)
+
+    shard = ray.train.get_dataset_shard("train")
+    step = engine.global_steps
+    losses: list[float] = []
+    t_wait = 0.0
+    t_last = time.perf_counter()
+    examples_since = 0
+    epoch = 0
+    summary: dict[str, Any] = {}
+    while step < t.max_steps:
+        got_batch = False
+        t_fetch = time.perf_counter()
+        for batch in shard.iter_batches(
+            batch_size=t.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=max(4 * t.batch_size, 256), local_shuffle_seed=t.seed + epoch,
+        ):
+            got_batch = True
+            b = {k: v.to(device) for k, v in collate(batch, items, tokenizer, cfg).items()}
+            t_wait += time.perf_counter() - t_fetch
+            loss = engine(b)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach().float()))
+            examples_since += t.batch_size * world
+            if engine.micro_steps % t.grad_accum:  # mid-accumulation: no optimizer step yet
+                t_fetch = time.perf_counter()
+                continue
+            step = engine.global_steps
+            if step % t.log_every == 0 or step == t.max_steps or step % t.checkpoint_every == 0:
+                now = time.perf_counter()
+                row = {
+                    "step": step,
+                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                    "lr": float(engine.get_lr()[0]),
+                    "examples_per_s": examples_since / max(now - t_last, 1e-9),
+                    "data_wait_s": t_wait,
+                    "temperature": float(module.loss.temperature.detach()) if hasattr(module, "loss") else t.temperature,
+                    "epoch": epoch,
+                }
+                losses, examples_since, t_wait, t_last = [], 0, 0.0, now
+                if rank == 0:
+                    metrics_rows.append(row)
+                    _write_metrics(cfg, metrics_rows)
+                    log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s data-wait %.2fs", step, t.max_steps, row["loss"], row["lr"], row["examples_per_s"], row["data_wait_s"])
+                summary = row
+                if step % t.checkpoint_every == 0 or step == t.max_steps:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        engine.save_checkpoint(tmp, tag=DS_TAG)
+                        if rank == 0:
+                            Path(tmp, "config.yaml").write_text(to_yaml(cfg))
+                            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step}))
+                        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(row)
+            if step >= t.max_steps:
+                break
+            t_fetch = time.perf_counter()
+        if not got_batch:
+            raise ValueError(
+                f"worker {rank} got no full batch of {t.batch_size} examples: too few training "
+                f"examples for {world} workers; lower train.batch_size or train.num_workers"
+            )
+        epoch += 1
+
+    export = _export(engine, module, tokenizer, cfg, rank)
+    if rank == 0:
+        log.info("exported to %s", export)
+    ray.train.report({**summary, "export": export, "step": step})
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Fine-tune on the prepared examples; returns the final metrics and the export location."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    ensure_ray()
+    kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
+    files: list[str] = []
+    for kind in kinds:
+        files += storage.list_files(paths.examples(cfg, kind, "train"), cfg.storage, ".parquet")
+    if not files:
+        raise FileNotFoundError(
+            f"no training examples for task {cfg.train.task!r} under {storage.join(paths.data_dir(cfg), 'examples')}; "
+            "run the prepare job first (python -m jobs.prepare)"
+        )
+    fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
+    ds = ray.data.read_parquet([storage.filesystem(f, cfg.storage)[1] for f in files], filesystem=fs)
+    root = cfg.storage.root
+    storage_path = storage.filesystem(root, cfg.storage)[1] if storage.is_remote(root) else os.path.abspath(root)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        datasets={"train": ds},
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage_path,
+            storage_filesystem=fs if storage.is_remote(root) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    rows = _read_metrics(cfg)
+    final = rows[-1] if rows else metrics
+    summary = {
+        "steps": final.get("step"),
+        "final_loss": final.get("loss"),
+        "first_loss": rows[0]["loss"] if rows else None,
+        "examples_per_s": final.get("examples_per_s"),
+        "export": paths.export_dir(cfg),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics_file": paths.metrics_file(cfg),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    log.info("training finished: %s", summary)
+    return summary
+
+
+def loss_improved(rows: list[dict[str, Any]], k: int = 2) -> bool:
+    """Mean of the last k logged losses below the mean of the first k (for tests and checks)."""
+    if len(rows) < 2 * k:
+        return False
+    first = np.mean([r["loss"] for r in rows[:k]])
+    last = np.mean([r["loss"] for r in rows[-k:]])
+    return bool(last < first) and math.isfinite(last)
