@@ -1,0 +1,364 @@
+"""The online service: Ray Serve deployments behind a FastAPI ingress.
+
+    Encoder    the fine-tuned query tower; autoscaled; @serve.batch dynamic batching whose size
+               and wait are tuned at run time through user_config
+    Retriever  catalog embeddings + item metadata; exact top-K with filters and exclusions
+    Profiles   live per-user history, updated by /events, read by /recommend
+    Ingress    HTTP API (OpenAPI at /docs), validation, auth, backpressure -> 503 + Retry-After
+
+`app_builder(args)` builds it from typed arguments (local paths or s3:// URIs), for
+`serve run serve/config.yaml`, `serve deploy` and `serve.run(app_builder({...}))` alike.
+Scores are computed exactly like offline evaluation: recsys.encoder.TextEncoder for both sides
+and recsys.encoder.render_user_text for users (history newest first).
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves the request models of a
+# class-based Serve ingress from real (not string) annotations.
+
+import asyncio
+import collections
+import logging
+import tempfile
+import time
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, model_validator
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+MAX_QUERY_CHARS = 1000
+MAX_ITEM_IDS = 1000
+RETRY_AFTER_S = "1"
+
+
+class AppArgs(BaseModel):
+    model_uri: str = Field(description="exported model dir (local path or s3://)")
+    items_uri: str = Field(description="items parquet dir in ITEMS_SCHEMA (local path or s3://)")
+    auth_token: str = ""
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+    batching: bool = True
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    max_history: int = Field(50, ge=1)
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+
+
+def _storage_cfg(args: AppArgs) -> Any:
+    from recsys.config import StorageConfig
+
+    return StorageConfig(s3_endpoint=args.s3_endpoint, s3_access_key=args.s3_access_key, s3_secret_key=args.s3_secret_key)
+
+
+def _local_model(args: AppArgs) -> str:
+    from recsys import storage
+
+    if storage.is_remote(args.model_uri):
+        return str(storage.download_dir(args.model_uri, tempfile.mkdtemp(prefix="recsys-model-"), _storage_cfg(args)))
+    return args.model_uri
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Encoder:
+    def __init__(self, args: dict[str, Any]) -> None:
+        from recsys.encoder import TextEncoder
+
+        a = AppArgs(**args)
+        self.encoder = TextEncoder(_local_model(a))
+        self.batching = a.batching
+        self.model_uri = a.model_uri
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if "max_batch_size" in user_config:
+            self.encode_batched.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.encode_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        if "batching" in user_config:
+            self.batching = bool(user_config["batching"])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode_batched(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self.encoder.encode_queries(texts, batch_size=len(texts)))
+
+    async def encode_query(self, text: str) -> np.ndarray:
+        if self.batching:
+            return await self.encode_batched(text)
+        return self.encoder.encode_queries([text])[0]
+
+    def info(self) -> dict[str, Any]:
+        return {"model_uri": self.model_uri, "user_history_items": self.encoder.user_history_items, "dim": self.encoder.dim}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class Retriever:
+    def __init__(self, args: dict[str, Any]) -> None:
+        import pyarrow.parquet as pq
+
+        from recsys import storage
+        from recsys.encoder import TextEncoder
+
+        a = AppArgs(**args)
+        fs, path = storage.filesystem(a.items_uri, _storage_cfg(a))
+        table = pq.read_table(path, filesystem=fs)
+        self.ids: list[str] = table.column("item_id").to_pylist()
+        self.index = {i: n for n, i in enumerate(self.ids)}
+        self.meta = table.select([c for c in ("item_id", "title", "brand", "category", "price") if c in table.column_names]).to_pylist()
+        self.texts: list[str] = table.column("text").to_pylist()
+        self.category = np.array([(m.get("category") or "") for m in self.meta], dtype=object)
+        self.brand = np.array([(m.get("brand") or "").lower() for m in self.meta], dtype=object)
+        self.price = np.array([np.nan if m.get("price") is None else m["price"] for m in self.meta], dtype=np.float64)
+        t = time.perf_counter()
+        self.emb = TextEncoder(_local_model(a)).encode_items(self.texts)  # (n_items, dim)
+        log.info("embedded %d items in %.1fs", len(self.ids), time.perf_counter() - t)
+
+    def unknown(self, item_ids: list[str]) -> list[str]:
+        return [i for i in item_ids if i not in self.index]
+
+    def item_texts(self, item_ids: list[str]) -> list[str]:
+        return [self.texts[self.index[i]] for i in item_ids if i in self.index]
+
+    def search(self, q: np.ndarray, k: int, filters: dict[str, Any] | None = None, exclude: list[str] | None = None) -> list[dict[str, Any]]:
+        scores = self.emb @ q  # (n_items,)
+        keep = np.ones(len(self.ids), dtype=bool)
+        f = filters or {}
+        if f.get("category"):
+            keep &= np.array([c.lower().startswith(f["category"].lower()) for c in self.category])
+        if f.get("brand"):
+            keep &= self.brand == f["brand"].lower()
+        if f.get("min_price") is not None:
+            keep &= self.price >= f["min_price"]
+        if f.get("max_price") is not None:
+            keep &= self.price <= f["max_price"]
+        for i in exclude or []:
+            if i in self.index:
+                keep[self.index[i]] = False
+        cand = np.flatnonzero(keep)
+        if len(cand) == 0:
+            return []
+        k = min(k, len(cand))
+        top = cand[np.argpartition(-scores[cand], k - 1)[:k]]
+        top = top[np.lexsort((top, -scores[top]))]  # score desc, then catalog order: deterministic
+        return [{**self.meta[i], "score": float(scores[i])} for i in top]
+
+    def score(self, q: np.ndarray, item_ids: list[str]) -> list[float]:
+        rows = [self.index[i] for i in item_ids]
+        return [float(s) for s in self.emb[rows] @ q]
+
+    def size(self) -> int:
+        return len(self.ids)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class Profiles:
+    """Live user profiles: recent engaged items (newest first) and purchases, bounded per user."""
+
+    def __init__(self, max_history: int = 50) -> None:
+        self.max_history = max_history
+        self.history: dict[str, collections.deque[str]] = {}
+        self.purchased: dict[str, set[str]] = collections.defaultdict(set)
+
+    def add(self, user_id: str, events: list[dict[str, Any]]) -> int:
+        hist = self.history.setdefault(user_id, collections.deque(maxlen=self.max_history))
+        for e in sorted(events, key=lambda e: e.get("timestamp") or 0):
+            if e["event_type"] != "view":  # views are impressions, not interest
+                if e["item_id"] in hist:
+                    hist.remove(e["item_id"])
+                hist.appendleft(e["item_id"])
+            if e["event_type"] == "purchase":
+                self.purchased[user_id].add(e["item_id"])
+        return len(hist)
+
+    def get(self, user_id: str) -> dict[str, Any]:
+        return {"history": list(self.history.get(user_id, [])), "purchased": sorted(self.purchased.get(user_id, set()))}
+
+
+class Filters(BaseModel):
+    category: str | None = Field(None, max_length=500, description="prefix of the category path")
+    brand: str | None = Field(None, max_length=200)
+    min_price: float | None = Field(None, ge=0)
+    max_price: float | None = Field(None, ge=0)
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: Filters | None = None
+
+    @model_validator(mode="after")
+    def _not_blank(self) -> "SearchRequest":
+        if not self.query.strip():
+            raise ValueError("query is empty")
+        return self
+
+
+class Event(BaseModel):
+    item_id: str = Field(min_length=1, max_length=200)
+    event_type: Literal["view", "click", "add_to_cart", "purchase"]
+    timestamp: float | None = None
+
+
+class RecommendRequest(BaseModel):
+    user_id: str | None = Field(None, max_length=200)
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS, description="oldest first")
+    k: int = Field(10, ge=1, le=MAX_K)
+    include_purchased: bool = False
+
+    @model_validator(mode="after")
+    def _someone(self) -> "RecommendRequest":
+        if not self.user_id and not self.recent_item_ids:
+            raise ValueError("give user_id and/or recent_item_ids")
+        return self
+
+
+class ScoreRequest(BaseModel):
+    query: str | None = Field(None, max_length=MAX_QUERY_CHARS)
+    user_id: str | None = Field(None, max_length=200)
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS)
+    item_ids: list[str] = Field(min_length=1, max_length=MAX_ITEM_IDS)
+
+    @model_validator(mode="after")
+    def _something(self) -> "ScoreRequest":
+        if not (self.query and self.query.strip()) and not self.user_id and not self.recent_item_ids:
+            raise ValueError("give a query, a user_id or recent_item_ids")
+        return self
+
+
+class EventsRequest(BaseModel):
+    user_id: str = Field(min_length=1, max_length=200)
+    events: list[Event] = Field(min_length=1, max_length=MAX_ITEM_IDS)
+
+
+api = FastAPI(title="recsys", description="Search, recommendation and scoring from a fine-tuned two-tower model.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = [f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg')}" for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"error": "invalid request", "problems": problems})
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@api.exception_handler(HTTPProblem)
+async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content={"error": exc.message}, headers=exc.headers)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, encoder: Any, retriever: Any, profiles: Any, args: dict[str, Any]) -> None:
+        self.encoder, self.retriever, self.profiles = encoder, retriever, profiles
+        self.token = AppArgs(**args).auth_token
+        self.history_items: int | None = None
+
+    async def _call(self, method: Any, *a: Any) -> Any:
+        try:
+            return await method.remote(*a)
+        except BackPressureError as e:
+            raise HTTPProblem(503, f"overloaded, retry later ({e})", {"Retry-After": RETRY_AFTER_S}) from None
+
+    def _auth(self, request: Request) -> None:
+        if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
+            raise HTTPProblem(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    async def _user_text(self, user_id: str | None, recent: list[str]) -> tuple[str, list[str]]:
+        from recsys.encoder import render_user_text
+
+        if self.history_items is None:
+            self.history_items = (await self._call(self.encoder.info))["user_history_items"]
+        profile = await self._call(self.profiles.get, user_id) if user_id else {"history": [], "purchased": []}
+        history = list(reversed(recent)) + [i for i in profile["history"] if i not in recent]  # newest first
+        texts = await self._call(self.retriever.item_texts, history)
+        return render_user_text(None, texts, self.history_items), profile["purchased"]
+
+    async def _check_known(self, ids: list[str]) -> None:
+        unknown = await self._call(self.retriever.unknown, ids)
+        if unknown:
+            raise HTTPProblem(404, f"unknown item ids: {unknown[:20]}")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            n = await asyncio.wait_for(self.retriever.size.remote(), timeout=5)
+            info = await asyncio.wait_for(self.encoder.info.remote(), timeout=5)
+        except Exception as e:  # noqa: BLE001 - not ready for any reason is "not ready"
+            return JSONResponse(status_code=503, content={"status": "not ready", "error": str(e)[:200]}, headers={"Retry-After": RETRY_AFTER_S})
+        return JSONResponse(content={"status": "ready", "items": n, "model": info["model_uri"]})
+
+    @api.post("/search")
+    async def search(self, body: SearchRequest, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        q = await self._call(self.encoder.encode_query, body.query.strip())
+        filters = body.filters.model_dump() if body.filters else None
+        return {"items": await self._call(self.retriever.search, q, body.k, filters, None)}
+
+    @api.post("/recommend")
+    async def recommend(self, body: RecommendRequest, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        await self._check_known(body.recent_item_ids)
+        text, purchased = await self._user_text(body.user_id, body.recent_item_ids)
+        if not text:
+            raise HTTPProblem(404, f"user {body.user_id!r} has no history yet; send /events or recent_item_ids")
+        q = await self._call(self.encoder.encode_query, text)
+        exclude = None if body.include_purchased else purchased
+        return {"items": await self._call(self.retriever.search, q, body.k, None, exclude)}
+
+    @api.post("/score")
+    async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        await self._check_known(body.item_ids + body.recent_item_ids)
+        if body.query and body.query.strip():
+            text = body.query.strip()
+        else:
+            text, _ = await self._user_text(body.user_id, body.recent_item_ids)
+            if not text:
+                raise HTTPProblem(404, f"user {body.user_id!r} has no history yet")
+        q = await self._call(self.encoder.encode_query, text)
+        return {"scores": await self._call(self.retriever.score, q, body.item_ids)}
+
+    @api.post("/events")
+    async def events(self, body: EventsRequest, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        await self._check_known([e.item_id for e in body.events])
+        n = await self._call(self.profiles.add, body.user_id, [e.model_dump() for e in body.events])
+        return {"user_id": body.user_id, "history_length": n}
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Build the application from typed args (validated here, so a bad config fails fast)."""
+    a = AppArgs(**args)
+    raw = a.model_dump()
+    limits = {"max_ongoing_requests": a.max_ongoing_requests, "max_queued_requests": a.max_queued_requests}
+    encoder = Encoder.options(
+        autoscaling_config={
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": max(1, a.max_batch_size),
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 60,
+        },
+        user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching},
+        **limits,
+    ).bind(raw)
+    retriever = Retriever.options(**limits).bind(raw)
+    profiles = Profiles.options(**limits).bind(a.max_history)
+    return Ingress.options(**limits).bind(encoder, retriever, profiles, raw)

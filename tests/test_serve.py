@@ -1,0 +1,168 @@
+"""Real HTTP against the Ray Serve app on a local Ray cluster (tiny BERT, tiny catalog)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from recsys.encoder import TextEncoder, render_user_text
+from recsys.schemas import ITEMS_SCHEMA
+from recsys.storage import free_port
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+TITLES = [
+    ("P1", "Stridex Lightweight Running Shoe - Red", "Sports > Running > Shoes", 80.0),
+    ("P2", "Stridex Cushioned Trail Running Shoe - Blue", "Sports > Running > Shoes", 95.0),
+    ("P3", "Brewmont Glass French Press", "Home > Kitchen > Coffee", 30.0),
+    ("P4", "Caffelo Programmable Espresso Machine", "Home > Kitchen > Coffee", 250.0),
+    ("P5", "Pawsome Memory Foam Dog Bed", "Pets > Dogs > Beds", 60.0),
+    ("P6", "Sitwell Mesh Ergonomic Office Chair", "Office > Furniture > Chairs", 180.0),
+    ("P7", "Greenflow Expandable Garden Hose 50 ft", "Garden > Watering > Hoses", 40.0),
+    ("P8", "Trailhaven Ultralight Backpacking Tent", "Outdoors > Camping > Shelter", 220.0),
+]
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import app_builder
+
+    items_dir = tmp_path_factory.mktemp("items")
+    table = pa.table(
+        {
+            "item_id": [t[0] for t in TITLES],
+            "title": [t[1] for t in TITLES],
+            "brand": [t[1].split()[0] for t in TITLES],
+            "category": [t[2] for t in TITLES],
+            "price": [t[3] for t in TITLES],
+            "text": [f"{t[1]}. Category: {t[2]}" for t in TITLES],
+            "dup_group": list(range(len(TITLES))),
+            "popularity": [1] * len(TITLES),
+        },
+        schema=ITEMS_SCHEMA,
+    )
+    pq.write_table(table, items_dir / "part-00000.parquet")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"model_uri": tiny_model, "items_uri": str(items_dir), "max_replicas": 1}
+    serve.run(app_builder(args), name="recsys", route_prefix="/")
+    serve.run(app_builder({**args, "auth_token": "s3cret"}), name="secured", route_prefix="/secured")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    yield {"client": client, "model": tiny_model, "table": table}
+    client.close()
+    serve.shutdown()
+
+
+def _offline(model: str, table: pa.Table, text: str, k: int, exclude=()) -> list[str]:
+    enc = TextEncoder(model)
+    q = enc.encode_queries([text])[0]
+    emb = enc.encode_items(table.column("text").to_pylist())
+    ids = table.column("item_id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: (-float(emb[i] @ q), i))
+    return [ids[i] for i in order if ids[i] not in exclude][:k]
+
+
+def test_health_ready_and_openapi(service) -> None:
+    c = service["client"]
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["items"] == len(TITLES)
+    assert "/search" in c.get("/openapi.json").json()["paths"]
+
+
+def test_search_matches_offline_and_filters(service) -> None:
+    c = service["client"]
+    r = c.post("/search", json={"query": "running shoes", "k": 5})
+    assert r.status_code == 200, r.text
+    got = [i["item_id"] for i in r.json()["items"]]
+    assert got == _offline(service["model"], service["table"], "running shoes", 5)
+    f = c.post("/search", json={"query": "coffee", "k": 5, "filters": {"category": "Home > Kitchen", "max_price": 100}})
+    assert [i["item_id"] for i in f.json()["items"]] == ["P3"]
+
+
+def test_recommend_matches_offline_and_events_change_it(service) -> None:
+    c = service["client"]
+    r = c.post("/recommend", json={"recent_item_ids": ["P3", "P4"], "k": 4})
+    assert r.status_code == 200, r.text
+    text = render_user_text(None, [service["table"].column("text")[i].as_py() for i in (3, 2)], 10)
+    assert [i["item_id"] for i in r.json()["items"]] == _offline(service["model"], service["table"], text, 4)
+
+    assert c.post("/recommend", json={"user_id": "new-user", "k": 3}).status_code == 404
+    ev = c.post("/events", json={"user_id": "u1", "events": [{"item_id": "P5", "event_type": "click"}]})
+    assert ev.status_code == 200 and ev.json()["history_length"] == 1
+    first = [i["item_id"] for i in c.post("/recommend", json={"user_id": "u1", "k": 8}).json()["items"]]
+    c.post("/events", json={"user_id": "u1", "events": [{"item_id": "P8", "event_type": "purchase"}]})
+    after = [i["item_id"] for i in c.post("/recommend", json={"user_id": "u1", "k": 8}).json()["items"]]
+    assert "P8" in first and "P8" not in after  # just bought: excluded
+    text2 = render_user_text(None, [service["table"].column("text")[i].as_py() for i in (7, 4)], 10)
+    assert after == _offline(service["model"], service["table"], text2, 8, exclude={"P8"})
+    incl = c.post("/recommend", json={"user_id": "u1", "k": 8, "include_purchased": True}).json()["items"]
+    assert "P8" in [i["item_id"] for i in incl]
+
+
+def test_score_one_per_item(service) -> None:
+    c = service["client"]
+    r = c.post("/score", json={"query": "dog bed", "item_ids": ["P5", "P1"]})
+    assert r.status_code == 200 and len(r.json()["scores"]) == 2
+    enc = TextEncoder(service["model"])
+    q = enc.encode_queries(["dog bed"])[0]
+    emb = enc.encode_items([service["table"].column("text")[i].as_py() for i in (4, 0)])
+    np.testing.assert_allclose(r.json()["scores"], emb @ q, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/search", "{not json", 422, "json"),
+        ("/search", {"k": 3}, 422, "query"),
+        ("/search", {"query": "x", "k": 0}, 422, "k"),
+        ("/search", {"query": "x", "k": 5000}, 422, "k"),
+        ("/search", {"query": "   "}, 422, "empty"),
+        ("/search", {"query": "x" * 1001}, 422, "query"),
+        ("/score", {"query": "x", "item_ids": ["P1", "NOPE"]}, 404, "NOPE"),
+        ("/score", {"query": "x", "item_ids": ["P1"] * 1001}, 422, "item_ids"),
+        ("/recommend", {"k": 3}, 422, "user_id"),
+        ("/events", {"user_id": "u", "events": [{"item_id": "P1", "event_type": "teleport"}]}, 422, "event_type"),
+    ],
+)
+def test_bad_input_gets_4xx_with_a_message(service, path, body, status, needle) -> None:
+    c = service["client"]
+    if isinstance(body, str):
+        r = c.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = c.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert needle.lower() in r.text.lower()
+    assert c.get("/readyz").status_code == 200  # the replicas survived
+
+
+def test_auth_when_a_token_is_set(service) -> None:
+    c = service["client"]
+    assert c.post("/secured/search", json={"query": "tent"}).status_code == 401
+    ok = c.post("/secured/search", json={"query": "tent"}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert c.get("/secured/healthz").status_code == 200
+
+
+def test_serve_config_yaml_validates() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+
+    text = (REPO / "serve" / "config.yaml").read_text()
+    assert text.startswith("# serve run")
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(text)) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(yaml.safe_load(text))
+    app = cfg.applications[0]
+    AppArgs(**app.args)
+    enc = [d for d in app.deployments if d.name == "Encoder"][0]
+    auto = enc.autoscaling_config
+    auto = auto if isinstance(auto, dict) else auto.dict()
+    assert auto["min_replicas"] <= auto["max_replicas"]
