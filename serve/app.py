@@ -50,6 +50,9 @@ class AppArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     max_history: int = Field(50, ge=1)
+    # Logical CPUs reserved per model replica (Encoder, Retriever); GPUs for the Encoder.
+    replica_cpus: float = Field(0.5, gt=0)
+    encoder_gpus: float = Field(0.0, ge=0)
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
@@ -69,7 +72,7 @@ def _local_model(args: AppArgs) -> str:
     return args.model_uri
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment
 class Encoder:
     def __init__(self, args: dict[str, Any]) -> None:
         from recsys.encoder import TextEncoder
@@ -100,7 +103,7 @@ class Encoder:
         return {"model_uri": self.model_uri, "user_history_items": self.encoder.user_history_items, "dim": self.encoder.dim}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.deployment
 class Retriever:
     def __init__(self, args: dict[str, Any]) -> None:
         import pyarrow.parquet as pq
@@ -159,7 +162,7 @@ class Retriever:
         return len(self.ids)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment
 class Profiles:
     """Live user profiles: recent engaged items (newest first) and purchases, bounded per user."""
 
@@ -258,7 +261,7 @@ async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": exc.message}, headers=exc.headers)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.deployment
 @serve.ingress(api)
 class Ingress:
     def __init__(self, encoder: Any, retriever: Any, profiles: Any, args: dict[str, Any]) -> None:
@@ -357,8 +360,14 @@ def app_builder(args: dict[str, Any]) -> Any:
             "downscale_delay_s": 60,
         },
         user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching},
+        ray_actor_options={"num_cpus": a.replica_cpus, "num_gpus": a.encoder_gpus},
         **limits,
     ).bind(raw)
-    retriever = Retriever.options(**limits).bind(raw)
-    profiles = Profiles.options(**limits).bind(a.max_history)
-    return Ingress.options(**limits).bind(encoder, retriever, profiles, raw)
+    retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, **limits).bind(raw)
+    profiles = Profiles.options(ray_actor_options={"num_cpus": 0.1}, **limits).bind(a.max_history)
+    # The ingress only awaits the others and they fail fast when full, so it admits more requests
+    # than they do and queues without its own cap: overload then always surfaces as a
+    # BackPressureError from a model deployment, answered with 503 + Retry-After (the proxy's own
+    # 503 for a full ingress queue carries no Retry-After).
+    ingress_limits = {"max_ongoing_requests": 4 * a.max_ongoing_requests, "max_queued_requests": -1}
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **ingress_limits).bind(encoder, retriever, profiles, raw)

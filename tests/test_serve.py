@@ -52,9 +52,13 @@ def service(ray_cluster, tiny_model, tmp_path_factory):
     pq.write_table(table, items_dir / "part-00000.parquet")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model_uri": tiny_model, "items_uri": str(items_dir), "max_replicas": 1}
+    args = {"model_uri": tiny_model, "items_uri": str(items_dir), "max_replicas": 1, "replica_cpus": 0.2}
     serve.run(app_builder(args), name="recsys", route_prefix="/")
     serve.run(app_builder({**args, "auth_token": "s3cret"}), name="secured", route_prefix="/secured")
+    serve.run(
+        app_builder({**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "batching": False}),
+        name="tight", route_prefix="/tight",
+    )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     yield {"client": client, "model": tiny_model, "table": table}
     client.close()
@@ -166,3 +170,23 @@ def test_serve_config_yaml_validates() -> None:
     auto = enc.autoscaling_config
     auto = auto if isinstance(auto, dict) else auto.dict()
     assert auto["min_replicas"] <= auto["max_replicas"]
+
+
+def test_overload_gets_503_with_retry_after(service) -> None:
+    import concurrent.futures as cf
+
+    url = str(service["client"].base_url)
+    long_query = " ".join(["espresso machine with milk frother"] * 20)
+
+    def one(_: int) -> httpx.Response:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            return c.post("/tight/search", json={"query": long_query, "k": 3})
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(one, range(24)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    rejected = [r for r in responses if r.status_code == 503]
+    assert rejected and 200 in codes, codes
+    assert all(r.headers.get("retry-after") for r in rejected), [(r.text[:150], dict(r.headers)) for r in rejected if not r.headers.get("retry-after")][:2]
+    assert service["client"].get("/tight/readyz").status_code == 200
