@@ -66,6 +66,8 @@ class DataConfig:
     # Events of at least this weight count as positives (clicks and stronger by default).
     min_positive_weight: float = 1.0
     max_history: int = 20
+    # Merge consecutive positives of one item (click -> cart -> purchase) into one sequence step.
+    collapse_repeats: bool = True
     # Next-item split: "leave_one_out" (last item test, second-to-last valid) or "time".
     sequence_split: str = "leave_one_out"
     # Time split for search pairs (and sequences when sequence_split == "time"):

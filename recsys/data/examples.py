@@ -69,14 +69,15 @@ def _positive_runs(rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str
     """Positives in time order with consecutive repeats of one item collapsed into one entry.
 
     A click -> add_to_cart -> purchase of one item is one step of the sequence, carrying the
-    strongest weight of the run and the time of its first event.
+    strongest weight of the run and the time of its first event. With data.collapse_repeats
+    off every positive is a step (repeat purchases are kept, as Amazon's published split does).
     """
     runs: list[dict[str, Any]] = []
     for r in rows:
         w = float(cfg.event_weights.get(r["event_type"], 0.0))
         if w < cfg.min_positive_weight:
             continue
-        if runs and runs[-1]["item_id"] == r["item_id"]:
+        if cfg.collapse_repeats and runs and runs[-1]["item_id"] == r["item_id"]:
             last = runs[-1]
             if w > last["weight"]:
                 last["weight"] = w
