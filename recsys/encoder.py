@@ -119,6 +119,7 @@ class TextEncoder:
         max_item_tokens: int = 64,
         query_prefix: str = "",
         item_prefix: str = "",
+        user_history_items: int = 10,
         device: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -133,7 +134,7 @@ class TextEncoder:
         self.max_item_tokens = meta.get("max_item_tokens", max_item_tokens)
         self.query_prefix = meta.get("query_prefix", query_prefix)
         self.item_prefix = meta.get("item_prefix", item_prefix)
-        self.user_history_items = int(meta.get("user_history_items", 10))
+        self.user_history_items = int(meta.get("user_history_items", user_history_items))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         separate = bool(meta.get("separate_towers", False))
         q_path = str(Path(path) / "query") if separate else path
@@ -150,6 +151,20 @@ class TextEncoder:
         if proj_file.exists():
             self.projection = torch.load(proj_file, map_location=self.device)
         self.path = path
+
+    @classmethod
+    def from_model_config(cls, name_or_path: str, mcfg: Any) -> TextEncoder:
+        """A base (zero-shot) encoder read with the same pooling, limits and prefixes as training."""
+        return cls(
+            name_or_path,
+            pooling=mcfg.pooling,
+            normalize=mcfg.normalize,
+            max_query_tokens=mcfg.max_query_tokens,
+            max_item_tokens=mcfg.max_item_tokens,
+            query_prefix=mcfg.query_prefix,
+            item_prefix=mcfg.item_prefix,
+            user_history_items=mcfg.user_history_items,
+        )
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,86 @@
+"""Retrieval over catalog embeddings: exact top-K or FAISS behind one interface."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from recsys import storage
+from recsys.config import StorageConfig
+
+
+class Index:
+    """Inner-product top-K over L2-normalised item embeddings (= cosine)."""
+
+    def __init__(self, emb: np.ndarray, ids: Sequence[str], kind: str = "auto", exact_max_items: int = 200_000) -> None:
+        if emb.ndim != 2 or emb.shape[0] != len(ids):
+            raise ValueError(f"embeddings {emb.shape} do not match {len(ids)} ids")
+        self.emb = np.ascontiguousarray(emb, dtype=np.float32)  # (n_items, dim)
+        self.ids = list(ids)
+        self.kind = ("exact" if len(ids) <= exact_max_items else "faiss") if kind == "auto" else kind
+        if self.kind not in ("exact", "faiss"):
+            raise ValueError(f"index kind must be auto, exact or faiss, got {kind!r}")
+        self._faiss = None
+        if self.kind == "faiss":
+            import faiss
+
+            dim = self.emb.shape[1]
+            # HNSW for large catalogs: sub-linear search with recall close to exact.
+            self._faiss = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT) if len(ids) > 50_000 else faiss.IndexFlatIP(dim)
+            if hasattr(self._faiss, "hnsw"):
+                self._faiss.hnsw.efSearch = 128
+            self._faiss.add(self.emb)
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[set[str]] | None = None, chunk: int = 1024
+    ) -> tuple[np.ndarray, list[list[str]]]:
+        """(scores (m, k), ids) best first; `exclude[i]` ids are never returned for query i."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)  # (m, dim)
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        kk = min(k + extra, len(self.ids))
+        if self._faiss is not None:
+            scores, idx = self._faiss.search(q, kk)
+        else:
+            scores = np.empty((len(q), kk), dtype=np.float32)
+            idx = np.empty((len(q), kk), dtype=np.int64)
+            for s in range(0, len(q), chunk):
+                sim = q[s : s + chunk] @ self.emb.T  # (chunk, n_items)
+                part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+                ps = np.take_along_axis(sim, part, axis=1)
+                order = np.argsort(-ps, axis=1, kind="stable")
+                idx[s : s + chunk] = np.take_along_axis(part, order, axis=1)
+                scores[s : s + chunk] = np.take_along_axis(ps, order, axis=1)
+        out_ids: list[list[str]] = []
+        out_scores = np.full((len(q), min(k, len(self.ids))), -np.inf, dtype=np.float32)
+        for i in range(len(q)):
+            ex = exclude[i] if exclude else set()
+            row = [(self.ids[j], float(sc)) for j, sc in zip(idx[i], scores[i], strict=True) if j >= 0 and self.ids[j] not in ex][:k]
+            out_ids.append([r[0] for r in row])
+            out_scores[i, : len(row)] = [r[1] for r in row]
+        return out_scores, out_ids
+
+    def save(self, uri: str, cfg: StorageConfig | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / "embeddings.npy", self.emb)
+            (Path(tmp) / "index.json").write_text(json.dumps({"kind": self.kind, "ids": self.ids}))
+            if storage.is_remote(uri):
+                storage.upload_dir(tmp, uri, cfg)
+            else:
+                import shutil
+
+                shutil.rmtree(uri, ignore_errors=True)
+                shutil.copytree(tmp, uri)
+
+
+def build_index(emb: np.ndarray, ids: Sequence[str], kind: str = "auto", exact_max_items: int = 200_000) -> Index:
+    return Index(emb, ids, kind, exact_max_items)
+
+
+def load_index(uri: str, cfg: StorageConfig | None = None) -> Index:
+    local = storage.download_dir(uri, tempfile.mkdtemp(prefix="recsys-index-"), cfg)
+    meta = json.loads((Path(local) / "index.json").read_text())
+    return Index(np.load(Path(local) / "embeddings.npy"), meta["ids"], meta["kind"])

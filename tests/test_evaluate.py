@@ -1,0 +1,49 @@
+"""The report on a tiny prepared shop with a tiny exported model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recsys import paths, storage
+from recsys.config import load_config
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_report_on_tiny_model(ray_cluster, tiny_model, tmp_path) -> None:
+    from recsys import evaluate
+    from recsys.data import prepare
+    from recsys.model import build_two_tower, export_model, load_tokenizer
+
+    cfg = load_config(REPO / "jobs/configs/pipeline_tiny.yaml", [f"model.name_or_path={tiny_model}", "eval.ks=[1,5,20]"])
+    cfg.storage.root = str(tmp_path / "root")
+    prepare.run(cfg)
+    export_model(build_two_tower(cfg.model), load_tokenizer(cfg.model), cfg.model, {}, paths.export_dir(cfg))
+    result = evaluate.run(cfg)
+    m = result["metrics"]
+    assert set(m) == {"popularity", "bm25", "zero_shot", "fine_tuned"}
+    for system in m.values():
+        assert "test/next_item/recall@20" in system and "test/search/ndcg@5" in system
+        assert all(0.0 <= v <= 1.0 for k, v in system.items() if not k.endswith("/queries"))
+    # The exported tiny model is the same network as zero-shot: identical rankings.
+    assert m["fine_tuned"]["test/next_item/recall@20"] == pytest.approx(m["zero_shot"]["test/next_item/recall@20"])
+    out = Path(paths.eval_dir(cfg))
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"] == json.loads(json.dumps(m))
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| popularity |" in (out / "report.md").read_text()
+    assert storage.list_files(paths.embeddings(cfg), cfg.storage, ".parquet")
+    assert (Path(paths.index_dir(cfg)) / "index.json").exists()
+
+
+def test_popularity_ranking_exact() -> None:
+    import pyarrow as pa
+
+    from recsys.evaluate import _rank_popularity
+
+    items = pa.table({"item_id": ["a", "b", "c"], "popularity": [1, 5, 3]})
+    assert _rank_popularity(items, [{}, {}], 2, [set(), {"b"}]) == [["b", "c"], ["c", "a"]]
