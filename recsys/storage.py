@@ -100,6 +100,20 @@ def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None) -> Any:
     return fsspec.filesystem("file")
 
 
+def train_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for Ray Train's `RunConfig(storage_path, storage_filesystem)`.
+
+    S3 goes through s3fs wrapped as a pyarrow filesystem: Ray Train creates directories, and
+    pyarrow's S3 `create_dir` writes an empty `dir/` marker object under which some
+    S3-compatible stores (rclone) then refuse writes; s3fs creates no markers.
+    """
+    if uri.startswith("s3://"):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_filesystem(uri, cfg))), uri[len("s3://") :].rstrip("/")
+    if is_remote(uri):
+        return filesystem(uri, cfg)
+    return None, str(Path(uri).absolute())
+
+
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
     fs, path = filesystem(uri, cfg)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -207,6 +221,10 @@ class LocalS3Server:
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def log_path(self) -> Path:
+        return Path(self.root).with_name(Path(self.root).name + ".rclone.log")
+
+    @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -234,6 +252,7 @@ class LocalS3Server:
         self.port = self.port or free_port()
         # rclone parses this as a CSV list of pairs: the pair must be quoted.
         env = dict(os.environ, RCLONE_AUTH_KEY=f'"{self.access_key},{self.secret_key}"')
+        log_file = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
                 _rclone_binary(),
@@ -247,12 +266,14 @@ class LocalS3Server:
             ],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: nobody drains a pipe, and a full one would block the server.
+            stderr=log_file,
         )
+        log_file.close()  # the child holds its own descriptor
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                err = self.log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"rclone serve s3 exited with {self.proc.returncode}: {err}")
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -315,8 +314,7 @@ def run(cfg: Config) -> dict[str, Any]:
         )
     fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
     ds = ray.data.read_parquet([storage.filesystem(f, cfg.storage)[1] for f in files], filesystem=fs)
-    root = cfg.storage.root
-    storage_path = storage.filesystem(root, cfg.storage)[1] if storage.is_remote(root) else os.path.abspath(root)
+    train_fs, storage_path = storage.train_filesystem(cfg.storage.root, cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg)},
@@ -329,7 +327,7 @@ def run(cfg: Config) -> dict[str, Any]:
         run_config=RunConfig(
             name=cfg.train.run_name,
             storage_path=storage_path,
-            storage_filesystem=fs if storage.is_remote(root) else None,
+            storage_filesystem=train_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),

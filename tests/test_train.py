@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_cluster, tiny_model, tmp_path_factory):
+def prepared(ray_cluster, s3_server, tiny_model):
+    """Examples, checkpoints and exports all live on the real S3 server, as on a cluster."""
     from recsys.data import prepare
 
     cfg = load_config(REPO / "jobs/configs/train_tiny.yaml", [f"model.name_or_path={tiny_model}"])
-    cfg.storage.root = str(tmp_path_factory.mktemp("train-root"))
+    cfg.storage = s3_server.storage_config("s3://test/train")
     prepare.run(cfg)
     return cfg
 
@@ -36,13 +37,13 @@ def _metrics(cfg):
     return [json.loads(x) for x in text.splitlines()]
 
 
-def _check_export(cfg):
+def _check_export(cfg, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from recsys.encoder import TextEncoder
 
     texts = ["Stridex Lightweight Running Shoe - Red", "espresso machine"]
-    out = paths.export_dir(cfg)
+    out = str(storage.download_dir(paths.export_dir(cfg), tmp_path / "export", cfg.storage))
     ours = TextEncoder(out).encode_items(texts)
     st = SentenceTransformer(out, device="cpu").encode(texts)
     np.testing.assert_allclose(st, ours, atol=1e-5)
@@ -52,7 +53,7 @@ def _check_export(cfg):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_workers_zero_stage_loss_goes_down_and_exports(prepared, stage) -> None:
+def test_two_workers_zero_stage_loss_goes_down_and_exports(prepared, stage, tmp_path) -> None:
     from recsys import train
 
     cfg = _cfg(prepared, zero_stage=stage, run_name=f"zero{stage}", max_steps=12, checkpoint_every=12)
@@ -61,7 +62,7 @@ def test_two_workers_zero_stage_loss_goes_down_and_exports(prepared, stage) -> N
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert train.loss_improved(rows, k=3), [r["loss"] for r in rows]
     assert summary["steps"] == 12
-    _check_export(cfg)
+    _check_export(cfg, tmp_path)
 
 
 def test_resume_continues_from_the_checkpoint(prepared) -> None:
@@ -76,5 +77,6 @@ def test_resume_continues_from_the_checkpoint(prepared) -> None:
     steps = [r["step"] for r in _metrics(cfg2)]
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert summary["steps"] == 6
-    ckpt = Path(summary["checkpoint"])
-    assert (ckpt / "config.yaml").exists() and json.loads((ckpt / "recsys_state.json").read_text())["step"] == 6
+    ckpt = "s3://" + summary["checkpoint"]
+    assert storage.exists(storage.join(ckpt, "config.yaml"), cfg2.storage)
+    assert json.loads(storage.read_bytes(storage.join(ckpt, "recsys_state.json"), cfg2.storage))["step"] == 6
