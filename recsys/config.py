@@ -129,7 +129,8 @@ class TrainConfig:
     keep_checkpoints: int = 1
     max_failures: int = 1
     log_every: int = 10
-    # Tokenise inside the Ray Data pipeline ("pipeline") or in the train workers ("worker").
+    # Where tokenisation runs: "worker" (the train workers' collate). A Ray Data "pipeline"
+    # variant is planned; run() rejects anything else with a clear error.
     tokenize_in: str = "worker"
     run_name: str = "train"
     seed: int = 0

@@ -201,6 +201,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:  # only rank 0 prints progress; Ray forwards worker output to the driver
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     torch.manual_seed(t.seed)
     items = ItemTable.load(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -302,6 +308,11 @@ def run(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
+    if cfg.train.tokenize_in != "worker":
+        raise ValueError(
+            f"train.tokenize_in={cfg.train.tokenize_in!r}: only 'worker' (tokenise in the train "
+            "workers' collate) is implemented so far"
+        )
     ensure_ray()
     kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
     files: list[str] = []
