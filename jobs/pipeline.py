@@ -1,4 +1,5 @@
-"""The whole pipeline in one job: prepare -> train -> evaluate (which also builds the index).
+"""The whole pipeline in one job: prepare -> train -> evaluate (which also saves the index),
+optionally -> index (embed + index without evaluating) -> deploy (start the Serve app).
 
     python -m jobs.pipeline --config jobs/configs/pipeline_tiny.yaml [--stages prepare,train] [k=v ...]
     ray job submit --working-dir . -- python -m jobs.pipeline --config jobs/configs/train_cluster.yaml
@@ -18,7 +19,8 @@ from recsys import storage
 from recsys.config import Config, load_config, to_yaml
 
 log = logging.getLogger("jobs.pipeline")
-STAGES = ("prepare", "train", "evaluate")
+STAGES = ("prepare", "train", "evaluate", "index", "deploy")
+DEFAULT_STAGES = ("prepare", "train", "evaluate")
 
 
 def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
@@ -42,6 +44,14 @@ def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
             result = {k: v for k, v in out.items() if k != "markdown"} if isinstance(out, dict) else out
             if isinstance(out, dict) and out.get("markdown"):
                 print(out["markdown"])
+        elif stage == "index":
+            from recsys.evaluate import build_catalog_index
+
+            result = build_catalog_index(cfg)
+        elif stage == "deploy":
+            from serve.app import deploy
+
+            result = deploy(cfg)
         else:
             raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
         wall = round(time.perf_counter() - t, 1)
@@ -52,9 +62,9 @@ def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="prepare -> train -> evaluate")
+    parser = argparse.ArgumentParser(description="prepare -> train -> evaluate [-> index -> deploy]")
     parser.add_argument("--config")
-    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, from {STAGES}")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -107,6 +107,9 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Extra Ray resources per worker, e.g. {"train": 1} so workers land on the training node pool
+    # only (cluster/aws-gpu.yaml declares it); empty on a laptop.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     zero_stage: int = 2
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     offload_optimizer: bool = False
@@ -155,18 +158,27 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
+    """What jobs.deploy passes to the Serve app (serve/app.py AppArgs); empty URIs = this run's."""
+
     host: str = "127.0.0.1"
     port: int = 8000
-    model_uri: str = ""
-    index_uri: str = ""
-    catalog_uri: str = ""
+    app_name: str = "recsys"
+    route_prefix: str = "/"
+    model_uri: str = ""  # default: <root>/<run>/export
+    index_uri: str = ""  # default: <root>/<run>/index when it exists
+    items_uri: str = ""  # default: <root>/data/items
     auth_token: str = ""
+    # Name of an environment variable holding the API token (from a Kubernetes Secret, say).
+    auth_token_env: str = ""
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     min_replicas: int = 1
     max_replicas: int = 2
     max_ongoing_requests: int = 32
     max_queued_requests: int = 64
+    replica_cpus: float = 0.5
+    encoder_gpus: float = 0.0
+    encoder_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

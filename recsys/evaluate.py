@@ -9,8 +9,8 @@ them is saved beside the model for serving.
 from __future__ import annotations
 
 import io
-import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -79,10 +79,7 @@ def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
     table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    fs, path = storage.filesystem(storage.join(out_uri, "part-00000.parquet"), cfg.storage)
-    if not storage.is_remote(out_uri):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    storage.write_parquet(table, storage.join(out_uri, "part-00000.parquet"), cfg.storage)
     order = {i: n for n, i in enumerate(table.column("item_id").to_pylist())}
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     return emb[[order[i] for i in items.column("item_id").to_pylist()]].astype(np.float32)
@@ -149,12 +146,40 @@ def markdown_table(metrics: dict[str, dict[str, float]], names: Sequence[str]) -
     return "\n".join(lines)
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    e = cfg.eval
+def _local_export(cfg: Config) -> str:
+    export = paths.export_dir(cfg)
+    if not storage.is_remote(export):
+        return export
+    return str(storage.download_dir(export, tempfile.mkdtemp(prefix="recsys-export-"), cfg.storage))
+
+
+def _items(cfg: Config) -> pa.Table:
     items = _read_dir(paths.items(cfg), cfg)
     if items is None:
         raise FileNotFoundError(f"no items table at {paths.items(cfg)}: run the prepare job first")
+    return items
+
+
+def build_catalog_index(cfg: Config) -> dict[str, Any]:
+    """The serving artefacts alone: catalog embeddings by the exported model, and the index."""
+    t0 = time.perf_counter()
+    items = _items(cfg)
+    export = paths.export_dir(cfg)
+    if not storage.exists(storage.join(export, "recsys_model.json"), cfg.storage):
+        raise FileNotFoundError(f"no exported model at {export}: run the train job first (or set eval.checkpoint)")
+    emb = embed_catalog(cfg, _local_export(cfg), items, paths.embeddings(cfg))
+    index = build_index(emb, items.column("item_id").to_pylist(), cfg.eval.index, cfg.eval.exact_max_items)
+    index.save(paths.index_dir(cfg), cfg.storage)
+    out = {"index": paths.index_dir(cfg), "kind": index.kind, "items": items.num_rows, "dim": int(emb.shape[1]),
+           "embeddings": paths.embeddings(cfg), "model": export, "wall_s": round(time.perf_counter() - t0, 1)}
+    log.info("index over %d items (%s) written to %s", items.num_rows, index.kind, out["index"])
+    return out
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    e = cfg.eval
+    items = _items(cfg)
     text_of = dict(zip(items.column("item_id").to_pylist(), items.column("text").to_pylist(), strict=True))
     ks = sorted(set(e.ks))
     kmax = max(ks)
@@ -165,9 +190,7 @@ def run(cfg: Config) -> dict[str, Any]:
         encoders["zero_shot"] = cfg.model.name_or_path
     if "fine_tuned" in e.systems:
         if have_export:
-            encoders["fine_tuned"] = export if not storage.is_remote(export) else str(
-                storage.download_dir(export, __import__("tempfile").mkdtemp(prefix="recsys-export-"), cfg.storage)
-            )
+            encoders["fine_tuned"] = _local_export(cfg)
         else:
             log.warning("fine_tuned skipped: no exported model at %s (run the train job first)", export)
 
@@ -229,6 +252,3 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("evaluation written to %s in %.1fs", out, time.perf_counter() - t0)
     return {"metrics": metrics, "markdown": markdown, "report_dir": out, "wall_s": round(time.perf_counter() - t0, 1)}
 
-
-def metrics_json(result: dict[str, Any]) -> str:
-    return json.dumps(result["metrics"], indent=2)

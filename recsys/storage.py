@@ -122,6 +122,17 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
         f.write(data)
 
 
+def write_parquet(table: Any, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Write one parquet file at `uri`. Parent folders are created only on local disk: on S3 a
+    directory marker object makes some stores (rclone) refuse writes beneath it."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, cfg)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(str(Path(path).parent), recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     fs, path = filesystem(uri, cfg)
     with fs.open_input_stream(path) as f:

@@ -12,6 +12,7 @@ the ZeRO-3 shards are gathered and one consolidated model is exported (HF + sent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,7 +50,6 @@ class ItemTable:
         self.index = {i: n for n, i in enumerate(ids)}
         self.texts = texts
         self.keys = np.array([item_key(i) for i in ids], dtype=np.int64)
-        # Offset dup groups so they never collide with an item key.
         self.dups = dups.astype(np.int64)
         self.logq = logq.astype(np.float32)
 
@@ -163,7 +163,7 @@ def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, ra
 
     out_uri = paths.export_dir(cfg)
     params = list(step_module.towers.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3 else _nullcontext()
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.train.zero_stage == 3 else contextlib.nullcontext()
     with ctx:
         if rank == 0:
             state = {k: v.detach().float().cpu().clone() for k, v in step_module.towers.state_dict().items()}
@@ -180,14 +180,6 @@ def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, ra
                     shutil.rmtree(out_uri, ignore_errors=True)
                     shutil.copytree(local, out_uri)
     return out_uri
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -267,7 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "lr": float(engine.get_lr()[0]),
                     "examples_per_s": examples_since / max(now - t_last, 1e-9),
                     "data_wait_s": t_wait,
-                    "temperature": float(module.loss.temperature.detach()) if hasattr(module, "loss") else t.temperature,
+                    "temperature": float(module.loss.temperature.detach()),
                     "epoch": epoch,
                 }
                 losses, examples_since, t_wait, t_last = [], 0, 0.0, now
@@ -332,7 +324,11 @@ def run(cfg: Config) -> dict[str, Any]:
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": 1} if cfg.train.use_gpu else {}),
+                **cfg.train.worker_resources,
+            },
         ),
         datasets={"train": ds},
         run_config=RunConfig(

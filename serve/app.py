@@ -18,6 +18,7 @@ and recsys.encoder.render_user_text for users (history newest first).
 import asyncio
 import collections
 import logging
+import os
 import tempfile
 import time
 from typing import Any, Literal
@@ -41,7 +42,12 @@ RETRY_AFTER_S = "1"
 class AppArgs(BaseModel):
     model_uri: str = Field(description="exported model dir (local path or s3://)")
     items_uri: str = Field(description="items parquet dir in ITEMS_SCHEMA (local path or s3://)")
+    # The catalog index saved by jobs.index / jobs.evaluate; empty = embed the catalog at start-up.
+    index_uri: str = ""
+    # Bearer token for the whole API; empty = no auth (local mode). In clusters name an
+    # environment variable instead (filled from a Kubernetes Secret), so no token sits in a YAML.
     auth_token: str = ""
+    auth_token_env: str = ""
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
     batching: bool = True
@@ -53,6 +59,9 @@ class AppArgs(BaseModel):
     # Logical CPUs reserved per model replica (Encoder, Retriever); GPUs for the Encoder.
     replica_cpus: float = Field(0.5, gt=0)
     encoder_gpus: float = Field(0.0, ge=0)
+    # Custom Ray resources per Encoder replica, e.g. {"serve": 1} to keep encoders on the
+    # serving node pool (cluster/aws-gpu.yaml, cluster/kuberay/rayservice.yaml).
+    encoder_resources: dict[str, float] = Field(default_factory=dict)
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
@@ -122,8 +131,22 @@ class Retriever:
         self.brand = np.array([(m.get("brand") or "").lower() for m in self.meta], dtype=object)
         self.price = np.array([np.nan if m.get("price") is None else m["price"] for m in self.meta], dtype=np.float64)
         t = time.perf_counter()
-        self.emb = TextEncoder(_local_model(a)).encode_items(self.texts)  # (n_items, dim)
-        log.info("embedded %d items in %.1fs", len(self.ids), time.perf_counter() - t)
+        if a.index_uri:
+            from recsys.index import load_index
+
+            idx = load_index(a.index_uri, _storage_cfg(a))
+            pos = {i: n for n, i in enumerate(idx.ids)}
+            missing = [i for i in self.ids if i not in pos]
+            if missing:
+                raise ValueError(
+                    f"index at {a.index_uri} lacks {len(missing)} of the catalog's items (e.g. {missing[:5]}): "
+                    "rebuild it with `python -m jobs.index` for this catalog"
+                )
+            self.emb = idx.emb[[pos[i] for i in self.ids]]  # (n_items, dim)
+            log.info("loaded the index for %d items in %.1fs", len(self.ids), time.perf_counter() - t)
+        else:
+            self.emb = TextEncoder(_local_model(a)).encode_items(self.texts)  # (n_items, dim)
+            log.info("embedded %d items in %.1fs", len(self.ids), time.perf_counter() - t)
 
     def unknown(self, item_ids: list[str]) -> list[str]:
         return [i for i in item_ids if i not in self.index]
@@ -266,7 +289,10 @@ async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
 class Ingress:
     def __init__(self, encoder: Any, retriever: Any, profiles: Any, args: dict[str, Any]) -> None:
         self.encoder, self.retriever, self.profiles = encoder, retriever, profiles
-        self.token = AppArgs(**args).auth_token
+        a = AppArgs(**args)
+        self.token = a.auth_token or (os.environ.get(a.auth_token_env, "") if a.auth_token_env else "")
+        if a.auth_token_env and not self.token:
+            raise ValueError(f"auth_token_env={a.auth_token_env!r} names an unset or empty environment variable")
         self.history_items: int | None = None
 
     async def _call(self, method: Any, *a: Any) -> Any:
@@ -360,7 +386,7 @@ def app_builder(args: dict[str, Any]) -> Any:
             "downscale_delay_s": 60,
         },
         user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching},
-        ray_actor_options={"num_cpus": a.replica_cpus, "num_gpus": a.encoder_gpus},
+        ray_actor_options={"num_cpus": a.replica_cpus, "num_gpus": a.encoder_gpus, "resources": a.encoder_resources},
         **limits,
     ).bind(raw)
     retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, **limits).bind(raw)
@@ -371,3 +397,51 @@ def app_builder(args: dict[str, Any]) -> Any:
     # 503 for a full ingress queue carries no Retry-After).
     ingress_limits = {"max_ongoing_requests": 4 * a.max_ongoing_requests, "max_queued_requests": -1}
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **ingress_limits).bind(encoder, retriever, profiles, raw)
+
+
+def app_args(cfg: Any) -> dict[str, Any]:
+    """AppArgs for a run's artefacts from a recsys Config (its `serve` section fills the rest)."""
+    from recsys import paths, storage
+
+    s = cfg.serve
+    index = s.index_uri
+    if not index and storage.exists(storage.join(paths.index_dir(cfg), "index.json"), cfg.storage):
+        index = paths.index_dir(cfg)
+    args = {
+        "model_uri": s.model_uri or paths.export_dir(cfg),
+        "items_uri": s.items_uri or paths.items(cfg),
+        "index_uri": index,
+        "auth_token": s.auth_token,
+        "auth_token_env": s.auth_token_env,
+        "max_batch_size": s.max_batch_size,
+        "batch_wait_timeout_s": s.batch_wait_timeout_s,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "replica_cpus": s.replica_cpus,
+        "encoder_gpus": s.encoder_gpus,
+        "encoder_resources": s.encoder_resources,
+        # Keys stay empty unless the config names them: replicas then read the environment.
+        "s3_endpoint": cfg.storage.s3_endpoint,
+        "s3_access_key": cfg.storage.s3_access_key,
+        "s3_secret_key": cfg.storage.s3_secret_key,
+    }
+    AppArgs(**args)  # fail here, in the job, on a bad value rather than in a replica
+    return args
+
+
+def deploy(cfg: Any) -> dict[str, Any]:
+    """serve.run the app for this run's model and index; returns once every deployment is ready."""
+    from recsys.runtime import ensure_ray
+
+    ensure_ray()
+    s = cfg.serve
+    args = app_args(cfg)
+    t = time.perf_counter()
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(app_builder(args), name=s.app_name, route_prefix=s.route_prefix)
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    log.info("app %r ready at %s in %.1fs", s.app_name, url, time.perf_counter() - t)
+    shown = {k: ("***" if ("secret" in k or k == "auth_token") and v else v) for k, v in args.items()}
+    return {"app": s.app_name, "url": url, "ready_s": round(time.perf_counter() - t, 1), "args": shown}

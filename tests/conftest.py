@@ -54,6 +54,8 @@ def ray_cluster(s3_server: LocalS3Server) -> Iterator[None]:
     from recsys.runtime import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    # Serve's auth test reads its bearer token from the replicas' environment, as in a cluster.
+    os.environ["RECSYS_TEST_API_TOKEN"] = "s3cret"
     ensure_ray(num_cpus=4)
     try:
         yield

@@ -54,7 +54,7 @@ def service(ray_cluster, tiny_model, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_uri": tiny_model, "items_uri": str(items_dir), "max_replicas": 1, "replica_cpus": 0.2}
     serve.run(app_builder(args), name="recsys", route_prefix="/")
-    serve.run(app_builder({**args, "auth_token": "s3cret"}), name="secured", route_prefix="/secured")
+    serve.run(app_builder({**args, "auth_token_env": "RECSYS_TEST_API_TOKEN"}), name="secured", route_prefix="/secured")
     serve.run(
         app_builder({**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "batching": False}),
         name="tight", route_prefix="/tight",

@@ -103,14 +103,14 @@ def duplicate_groups(
     return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
 
 
-def group_stats(groups: np.ndarray) -> dict[str, float]:
+def group_stats(groups: np.ndarray) -> dict[str, int]:
     _, sizes = np.unique(groups, return_counts=True)
     multi = sizes[sizes > 1]
     return {
-        "items": float(len(groups)),
-        "groups_with_duplicates": float(len(multi)),
-        "items_in_duplicate_groups": float(multi.sum()) if len(multi) else 0.0,
-        "largest_group": float(sizes.max()) if len(sizes) else 0.0,
+        "items": len(groups),
+        "groups_with_duplicates": len(multi),
+        "items_in_duplicate_groups": int(multi.sum()) if len(multi) else 0,
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
     }
 
 

@@ -57,13 +57,6 @@ def _clear(uri: str, cfg: Config) -> None:
         pass
 
 
-def _write_table(table: pa.Table, uri: str, cfg: Config) -> None:
-    fs, path = storage.filesystem(uri, cfg.storage)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-
-
 def _write_ds(ds: ray.data.Dataset, uri: str, cfg: Config) -> None:
     fs, path = storage.filesystem(uri, cfg.storage)
     # A directory marker object makes rclone (and some S3 stores) refuse writes beneath it.
@@ -102,8 +95,8 @@ def _materialize_source(cfg: Config) -> tuple[str, str, dict[str, Any]]:
         per = max(1, (events.num_rows + shards - 1) // shards)
         for s in range(shards):
             part = events.slice(s * per, per)
-            _write_table(part, storage.join(raw_events, f"part-{s:05d}.parquet"), cfg)
-        _write_table(catalog, storage.join(raw_catalog, "part-00000.parquet"), cfg)
+            storage.write_parquet(part, storage.join(raw_events, f"part-{s:05d}.parquet"), cfg.storage)
+        storage.write_parquet(catalog, storage.join(raw_catalog, "part-00000.parquet"), cfg.storage)
         info = {"events": events.num_rows, "catalog_items": catalog.num_rows, "event_shards": shards}
         return raw_events, raw_catalog, {src: info}
     raise ValueError(f"data.source must be files, synthetic, amazon or homedepot, got {src!r}")
@@ -236,17 +229,6 @@ def _reason_counts(bad: pa.Table) -> dict[str, int]:
     return {str(x["values"]): int(x["counts"]) for x in vc}
 
 
-def _duplicate_stats(groups: np.ndarray) -> dict[str, int]:
-    _, sizes = np.unique(groups, return_counts=True)
-    multi = sizes[sizes > 1]
-    return {
-        "items": len(groups),
-        "groups_with_duplicates": len(multi),
-        "items_in_duplicate_groups": int(multi.sum()) if len(multi) else 0,
-        "largest_group": int(sizes.max()) if len(sizes) else 0,
-    }
-
-
 def run(cfg: Config) -> dict[str, Any]:
     """The whole data job; returns the manifest (also written to paths.manifest(cfg))."""
     t0 = time.perf_counter()
@@ -264,7 +246,7 @@ def run(cfg: Config) -> dict[str, Any]:
     cat_in = catalog.num_rows + cat_bad.num_rows
     cat_reasons = _reason_counts(cat_bad)
     if cat_bad.num_rows:
-        _write_table(cat_bad, storage.join(qdir, "catalog", "part-00000.parquet"), cfg)
+        storage.write_parquet(cat_bad, storage.join(qdir, "catalog", "part-00000.parquet"), cfg.storage)
     check_quarantine_share(
         cat_in, cat_reasons, _table_examples(cat_bad), cfg.data.max_quarantine_share,
         f"catalog at {catalog_uri}",
@@ -342,10 +324,10 @@ def run(cfg: Config) -> dict[str, Any]:
         },
         schema=ITEMS_SCHEMA,
     )
-    _write_table(items, storage.join(paths.items(cfg), "part-00000.parquet"), cfg)
+    storage.write_parquet(items, storage.join(paths.items(cfg), "part-00000.parquet"), cfg.storage)
     uniq, sizes = np.unique(groups, return_counts=True)
     multi = np.isin(groups, uniq[sizes > 1])
-    _write_table(
+    storage.write_parquet(
         pa.table(
             {
                 "item_id": pa.array(np.array(ids, dtype=object)[multi], pa.string()),
@@ -353,7 +335,7 @@ def run(cfg: Config) -> dict[str, Any]:
             }
         ),
         paths.duplicates(cfg),
-        cfg,
+        cfg.storage,
     )
 
     _stage("items and duplicates", t0)
@@ -379,7 +361,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "catalog": cat_bad.num_rows / max(cat_in, 1),
             "max_allowed": cfg.data.max_quarantine_share,
         },
-        "duplicates": _duplicate_stats(groups),
+        "duplicates": dedup.group_stats(groups),
         "popularity_skew": dedup.popularity_skew(engagement),
         "paths": {
             "data": data_dir,

@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from recsys import storage
 from recsys.config import DataConfig, StorageConfig
@@ -235,10 +233,7 @@ def generate_shop(cfg: DataConfig, out_uri: str, storage_cfg: StorageConfig) -> 
         body = "\n".join(json.dumps(e, ensure_ascii=False) for e in chunk) + "\n"
         storage.write_bytes(storage.join(out_uri, "events", f"part-{s:05d}.jsonl"), body.encode(), storage_cfg)
     table = pa.Table.from_pylist(items, schema=CATALOG_SCHEMA)
-    fs, path = storage.filesystem(storage.join(out_uri, "catalog", "part-00000.parquet"), storage_cfg)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    storage.write_parquet(table, storage.join(out_uri, "catalog", "part-00000.parquet"), storage_cfg)
     summary = {
         "events": len(events),
         "catalog_items": len(items),
