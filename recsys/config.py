@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +154,9 @@ class EvalConfig:
     embed_batch_size: int = 64
     embed_actors: int = 1
     max_queries: int = 0  # 0 = all
+    # Search only: also re-rank each query's judged items (all of them, any gain) and report
+    # `<split>/search_rerank/*` beside full-catalog retrieval (Home Depot's second protocol).
+    rerank_judged: bool = False
     checkpoint: str = ""  # exported model dir; empty = <root>/<train.run_name>/export
 
 
@@ -313,9 +317,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         data = _merge(data, parse_overrides(overrides))
     try:
-        return _build(Config, data, "")
+        return absolute_paths(_build(Config, data, ""))
     except ConfigError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+# Local paths a job hands to other processes: Ray Train workers and Serve replicas run in their
+# own working directories, where a relative path would point somewhere else.
+_PATH_FIELDS = {
+    "storage": ("root",),
+    "data": ("events_uri", "catalog_uri", "real_data_dir"),
+    "eval": ("checkpoint",),
+    "serve": ("model_uri", "index_uri", "items_uri"),
+}
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Make every relative local path absolute (against the current directory); URIs stay."""
+    for section, names in _PATH_FIELDS.items():
+        sec = getattr(cfg, section)
+        for name in names:
+            value = getattr(sec, name)
+            if value and "://" not in value and not os.path.isabs(value):
+                setattr(sec, name, os.path.abspath(value))
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -100,8 +100,7 @@ def _rank_bm25(items: pa.Table, texts: list[str], k: int, exclude: list[set[str]
     import bm25s
 
     ids = items.column("item_id").to_pylist()
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(items.column("text").to_pylist(), show_progress=False), show_progress=False)
+    retriever = _bm25_scorer(items)
     extra = max((len(e) for e in exclude), default=0) if exclude else 0
     kk = min(k + extra, len(ids))
     docs, _ = retriever.retrieve(bm25s.tokenize(texts, show_progress=False), k=kk, show_progress=False)
@@ -109,6 +108,42 @@ def _rank_bm25(items: pa.Table, texts: list[str], k: int, exclude: list[set[str]
     for n, row in enumerate(docs):
         ex = exclude[n] if exclude else set()
         out.append([ids[j] for j in row if ids[j] not in ex][:k])
+    return out
+
+
+def _bm25_scorer(items: pa.Table) -> Any:
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(items.column("text").to_pylist(), show_progress=False), show_progress=False)
+    return retriever
+
+
+def _rerank(candidates: list[list[str]], scores: list[np.ndarray]) -> list[list[str]]:
+    """Each query's candidates by score, descending (ties keep the candidates' order)."""
+    return [[c[j] for j in np.argsort(-s, kind="stable")] for c, s in zip(candidates, scores, strict=True)]
+
+
+def _rerank_all(
+    items: pa.Table, queries: list[dict[str, Any]], texts: list[str], q_emb: dict[str, np.ndarray],
+    item_emb: dict[str, np.ndarray], systems: Sequence[str],
+) -> dict[str, list[list[str]]]:
+    """Re-rank each query's judged items (every judged item, whatever its gain) per system."""
+    import bm25s
+
+    pos = {i: n for n, i in enumerate(items.column("item_id").to_pylist())}
+    cands = [[i for i in q["relevant"] if i in pos] for q in queries]
+    rows = [np.array([pos[i] for i in c], dtype=np.int64) for c in cands]
+    out: dict[str, list[list[str]]] = {}
+    if "popularity" in systems:
+        pop = items.column("popularity").to_numpy().astype(np.float64)
+        out["popularity"] = _rerank(cands, [pop[r] for r in rows])
+    if "bm25" in systems:
+        retriever = _bm25_scorer(items)
+        toks = bm25s.tokenize(texts, return_ids=False, show_progress=False)
+        out["bm25"] = _rerank(cands, [retriever.get_scores(t)[r] if t else np.zeros(len(r)) for t, r in zip(toks, rows, strict=True)])
+    for name, emb in item_emb.items():
+        out[name] = _rerank(cands, [emb[r] @ q for r, q in zip(rows, q_emb[name], strict=True)])
     return out
 
 
@@ -216,6 +251,7 @@ def run(cfg: Config) -> dict[str, Any]:
         relevant = [q["relevant"] for q in queries]
         prefix = f"{e.split}/{kind}"
         rankings: dict[str, list[list[str]]] = {}
+        q_embs: dict[str, np.ndarray] = {}
         if "popularity" in e.systems:
             rankings["popularity"] = _rank_popularity(items, queries, kmax, exclude)
         if "bm25" in e.systems:
@@ -226,9 +262,15 @@ def run(cfg: Config) -> dict[str, Any]:
             q_emb = enc.encode_queries(_query_texts(queries, text_of, enc.user_history_items), batch_size=e.embed_batch_size)
             index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items)
             rankings[name] = index.search(q_emb, kmax, exclude)[1]
+            q_embs[name] = q_emb
             timings[f"rank/{kind}/{name}_s"] = round(time.perf_counter() - t, 2)
         for name, ranked in rankings.items():
             metrics.setdefault(name, {}).update(ranking_metrics(ranked, relevant, ks, prefix))
+        if kind == "search" and e.rerank_judged:
+            texts = _query_texts(queries, text_of, cfg.model.user_history_items)
+            reranked = _rerank_all(items, queries, texts, q_embs, item_emb, e.systems)
+            for name, ranked in reranked.items():
+                metrics.setdefault(name, {}).update(ranking_metrics(ranked, relevant, ks, f"{e.split}/search_rerank"))
 
     best = "fine_tuned" if "fine_tuned" in item_emb else next(iter(item_emb), None)
     if best:

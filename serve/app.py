@@ -37,6 +37,8 @@ MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 MAX_ITEM_IDS = 1000
 RETRY_AFTER_S = "1"
+# How long a request may wait for old and new replicas to agree during a model swap.
+SWAP_WAIT_S = 30.0
 
 
 class AppArgs(BaseModel):
@@ -56,6 +58,8 @@ class AppArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     max_history: int = Field(50, ge=1)
+    # Name of the detached actor holding live profiles; apps sharing it share users' profiles.
+    profile_store: str = Field("recsys-profiles", min_length=1, max_length=200)
     # Logical CPUs reserved per model replica (Encoder, Retriever); GPUs for the Encoder.
     replica_cpus: float = Field(0.5, gt=0)
     encoder_gpus: float = Field(0.0, ge=0)
@@ -81,6 +85,11 @@ def _local_model(args: AppArgs) -> str:
     return args.model_uri
 
 
+class ModelMismatch(RuntimeError):
+    """A query vector from one model met catalog embeddings from another: only while a new
+    checkpoint rolls out, replica by replica. The ingress retries until both sides agree."""
+
+
 @serve.deployment
 class Encoder:
     def __init__(self, args: dict[str, Any]) -> None:
@@ -103,10 +112,11 @@ class Encoder:
     async def encode_batched(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encoder.encode_queries(texts, batch_size=len(texts)))
 
-    async def encode_query(self, text: str) -> np.ndarray:
+    async def encode_query(self, text: str) -> tuple[np.ndarray, str]:
+        """The query vector and the model that made it (the Retriever checks they match)."""
         if self.batching:
-            return await self.encode_batched(text)
-        return self.encoder.encode_queries([text])[0]
+            return await self.encode_batched(text), self.model_uri
+        return self.encoder.encode_queries([text])[0], self.model_uri
 
     def info(self) -> dict[str, Any]:
         return {"model_uri": self.model_uri, "user_history_items": self.encoder.user_history_items, "dim": self.encoder.dim}
@@ -121,6 +131,7 @@ class Retriever:
         from recsys.encoder import TextEncoder
 
         a = AppArgs(**args)
+        self.model_uri = a.model_uri
         fs, path = storage.filesystem(a.items_uri, _storage_cfg(a))
         table = pq.read_table(path, filesystem=fs)
         self.ids: list[str] = table.column("item_id").to_pylist()
@@ -154,7 +165,10 @@ class Retriever:
     def item_texts(self, item_ids: list[str]) -> list[str]:
         return [self.texts[self.index[i]] for i in item_ids if i in self.index]
 
-    def search(self, q: np.ndarray, k: int, filters: dict[str, Any] | None = None, exclude: list[str] | None = None) -> list[dict[str, Any]]:
+    def search(
+        self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_uri: str
+    ) -> list[dict[str, Any]]:
+        self._check_model(model_uri)
         scores = self.emb @ q  # (n_items,)
         keep = np.ones(len(self.ids), dtype=bool)
         f = filters or {}
@@ -177,17 +191,26 @@ class Retriever:
         top = top[np.lexsort((top, -scores[top]))]  # score desc, then catalog order: deterministic
         return [{**self.meta[i], "score": float(scores[i])} for i in top]
 
-    def score(self, q: np.ndarray, item_ids: list[str]) -> list[float]:
+    def score(self, q: np.ndarray, item_ids: list[str], model_uri: str) -> list[float]:
+        self._check_model(model_uri)
         rows = [self.index[i] for i in item_ids]
         return [float(s) for s in self.emb[rows] @ q]
+
+    def _check_model(self, model_uri: str) -> None:
+        if model_uri != self.model_uri:
+            raise ModelMismatch(f"query from {model_uri!r}, catalog embedded by {self.model_uri!r}")
 
     def size(self) -> int:
         return len(self.ids)
 
 
-@serve.deployment
-class Profiles:
-    """Live user profiles: recent engaged items (newest first) and purchases, bounded per user."""
+class ProfileStore:
+    """Live user profiles: recent engaged items (newest first) and purchases, bounded per user.
+
+    A named detached actor rather than deployment state, so profiles outlive a redeploy (a model
+    swap restarts every deployment of the app). One actor holds them all: enough for one node's
+    traffic; a shop at scale would put a key-value store (Redis, DynamoDB) behind the same calls.
+    """
 
     def __init__(self, max_history: int = 50) -> None:
         self.max_history = max_history
@@ -207,6 +230,26 @@ class Profiles:
 
     def get(self, user_id: str) -> dict[str, Any]:
         return {"history": list(self.history.get(user_id, [])), "purchased": sorted(self.purchased.get(user_id, set()))}
+
+
+@serve.deployment
+class Profiles:
+    """The profile API with Serve's queue limits in front of the shared ProfileStore actor."""
+
+    def __init__(self, max_history: int = 50, store_name: str = "recsys-profiles") -> None:
+        import ray
+
+        self.store = (
+            ray.remote(ProfileStore)
+            .options(name=store_name, namespace="recsys", lifetime="detached", get_if_exists=True, num_cpus=0)
+            .remote(max_history)
+        )
+
+    async def add(self, user_id: str, events: list[dict[str, Any]]) -> int:
+        return await self.store.add.remote(user_id, events)
+
+    async def get(self, user_id: str) -> dict[str, Any]:
+        return await self.store.get.remote(user_id)
 
 
 class Filters(BaseModel):
@@ -301,6 +344,21 @@ class Ingress:
         except BackPressureError as e:
             raise HTTPProblem(503, f"overloaded, retry later ({e})", {"Retry-After": RETRY_AFTER_S}) from None
 
+    async def _retrieve(self, text: str, method: Any, *a: Any) -> Any:
+        """Encode `text`, then call a Retriever method with the vector, both from the same model.
+
+        During a checkpoint swap old and new replicas serve side by side; a mismatch is retried
+        (re-encoding, as the encoder may be the stale side) instead of failing the request."""
+        deadline = time.monotonic() + SWAP_WAIT_S
+        while True:
+            q, model_uri = await self._call(self.encoder.encode_query, text)
+            try:
+                return await self._call(method, q, *a, model_uri)
+            except ModelMismatch:
+                if time.monotonic() > deadline:
+                    raise HTTPProblem(503, "a new model is rolling out, retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
+                await asyncio.sleep(0.1)
+
     def _auth(self, request: Request) -> None:
         if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
             raise HTTPProblem(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
@@ -336,9 +394,8 @@ class Ingress:
     @api.post("/search")
     async def search(self, body: SearchRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
-        q = await self._call(self.encoder.encode_query, body.query.strip())
         filters = body.filters.model_dump() if body.filters else None
-        return {"items": await self._call(self.retriever.search, q, body.k, filters, None)}
+        return {"items": await self._retrieve(body.query.strip(), self.retriever.search, body.k, filters, None)}
 
     @api.post("/recommend")
     async def recommend(self, body: RecommendRequest, request: Request) -> dict[str, Any]:
@@ -347,9 +404,8 @@ class Ingress:
         text, purchased = await self._user_text(body.user_id, body.recent_item_ids)
         if not text:
             raise HTTPProblem(404, f"user {body.user_id!r} has no history yet; send /events or recent_item_ids")
-        q = await self._call(self.encoder.encode_query, text)
         exclude = None if body.include_purchased else purchased
-        return {"items": await self._call(self.retriever.search, q, body.k, None, exclude)}
+        return {"items": await self._retrieve(text, self.retriever.search, body.k, None, exclude)}
 
     @api.post("/score")
     async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
@@ -361,8 +417,7 @@ class Ingress:
             text, _ = await self._user_text(body.user_id, body.recent_item_ids)
             if not text:
                 raise HTTPProblem(404, f"user {body.user_id!r} has no history yet")
-        q = await self._call(self.encoder.encode_query, text)
-        return {"scores": await self._call(self.retriever.score, q, body.item_ids)}
+        return {"scores": await self._retrieve(text, self.retriever.score, body.item_ids)}
 
     @api.post("/events")
     async def events(self, body: EventsRequest, request: Request) -> dict[str, Any]:
@@ -390,7 +445,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         **limits,
     ).bind(raw)
     retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, **limits).bind(raw)
-    profiles = Profiles.options(ray_actor_options={"num_cpus": 0.1}, **limits).bind(a.max_history)
+    profiles = Profiles.options(ray_actor_options={"num_cpus": 0.1}, **limits).bind(a.max_history, a.profile_store)
     # The ingress only awaits the others and they fail fast when full, so it admits more requests
     # than they do and queues without its own cap: overload then always surfaces as a
     # BackPressureError from a model deployment, answered with 503 + Retry-After (the proxy's own

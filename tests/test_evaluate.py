@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from recsys import paths, storage
@@ -47,3 +49,21 @@ def test_popularity_ranking_exact() -> None:
 
     items = pa.table({"item_id": ["a", "b", "c"], "popularity": [1, 5, 3]})
     assert _rank_popularity(items, [{}, {}], 2, [set(), {"b"}]) == [["b", "c"], ["c", "a"]]
+
+
+def test_rerank_judged_orders_each_querys_candidates() -> None:
+    from recsys.evaluate import _rerank_all
+
+    items = pa.table({
+        "item_id": ["a", "b", "c", "d"],
+        "text": ["red running shoe", "blue shoe", "green hat", "red hat"],
+        "popularity": [1, 5, 3, 2],
+    })
+    # Judged: a, c, d (b is not a candidate, however popular or similar).
+    queries = [{"query": "red running shoe", "history": [], "relevant": {"a": 2.0, "c": 0.0, "d": 1.0}}]
+    emb = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0.99, 0.9, 0.5]], dtype=np.float32)
+    out = _rerank_all(items, queries, ["red running shoe"], {"m": q}, {"m": emb}, ["popularity", "bm25"])
+    assert out["popularity"] == [["c", "d", "a"]]
+    assert out["m"] == [["c", "d", "a"]]
+    assert out["bm25"][0][0] == "a" and sorted(out["bm25"][0]) == ["a", "c", "d"]

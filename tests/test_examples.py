@@ -136,6 +136,15 @@ def test_relevance_from_extra() -> None:
     assert row["relevance"] == pytest.approx(2.67)
 
 
+def test_split_given_by_the_source_wins_over_time() -> None:
+    """Home Depot splits by query: a query's rows all land in its split, whatever their time."""
+    log = events([(0, "s", "click", "A", "drill"), (10, "s", "purchase", "B", "drill")])
+    log = log.set_column(6, "extra", pa.array(['{"relevance": 2.0, "split": "test"}', '{"relevance": 3.0, "split": "test"}']))
+    cfg = DataConfig(valid_fraction=0.1, test_fraction=0.1)
+    got = rows_of(search_examples(log, cfg, TimeCutoffs.from_range(t(0), t(10), cfg)))
+    assert [r["split"] for r in got] == ["test", "test"]
+
+
 @pytest.mark.ray
 def test_build_examples_with_ray(ray_cluster: None) -> None:
     import ray

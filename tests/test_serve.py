@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -60,7 +63,7 @@ def service(ray_cluster, tiny_model, tmp_path_factory):
         name="tight", route_prefix="/tight",
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    yield {"client": client, "model": tiny_model, "table": table}
+    yield {"client": client, "model": tiny_model, "table": table, "items_dir": str(items_dir), "port": port}
     client.close()
     serve.shutdown()
 
@@ -190,3 +193,58 @@ def test_overload_gets_503_with_retry_after(service) -> None:
     assert rejected and 200 in codes, codes
     assert all(r.headers.get("retry-after") for r in rejected), [(r.text[:150], dict(r.headers)) for r in rejected if not r.headers.get("retry-after")][:2]
     assert service["client"].get("/tight/readyz").status_code == 200
+
+
+def test_swap_to_a_new_checkpoint_drops_no_requests(service, tmp_path) -> None:
+    """Redeploying with a new model URI keeps answering from the old model until the new one is
+    ready, never mixes a new query vector with old catalog embeddings, and keeps live profiles."""
+    from ray import serve
+
+    from recsys.encoder import make_tiny_bert
+    from recsys.index import build_index
+    from serve.app import app_builder
+
+    model_b = make_tiny_bert(tmp_path / "model-b", seed=1)
+    ids, texts = service["table"].column("item_id").to_pylist(), service["table"].column("text").to_pylist()
+    build_index(TextEncoder(model_b).encode_items(texts), ids).save(str(tmp_path / "index-b"))
+    base = {"model_uri": service["model"], "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2}
+    serve.run(app_builder(base), name="swap", route_prefix="/swap")
+    c = service["client"]
+    assert c.post("/swap/events", json={"user_id": "u-swap", "events": [{"item_id": "P1", "event_type": "click"}]}).status_code == 200
+    query = "trail running shoes"
+    old = _offline(service["model"], service["table"], query, 8)
+    new = _offline(model_b, service["table"], query, 8)
+    assert old != new, "the two models must rank differently for this test to see the swap"
+
+    answers: list[tuple[float, int, list[str] | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{service['port']}", timeout=60) as hc:
+            while not stop.is_set():
+                r = hc.post("/swap/search", json={"query": query, "k": 8})
+                ok = r.status_code == 200
+                answers.append((time.monotonic(), r.status_code, [i["item_id"] for i in r.json()["items"]] if ok else None))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        serve.run(app_builder({**base, "model_uri": model_b, "index_uri": str(tmp_path / "index-b")}), name="swap", route_prefix="/swap")
+        t1 = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = collections.Counter(code for _, code, _ in answers)
+    assert set(statuses) == {200}, f"requests failed during the swap: {statuses}"
+    during = [a for a in answers if t0 <= a[0] <= t1]
+    assert during, "no request was in flight during the swap"
+    assert all(a[2] in (old, new) for a in answers), "every answer comes wholly from one model"
+    assert answers[-1][2] == new and c.get("/swap/readyz").json()["model"] == model_b
+    rec = c.post("/swap/recommend", json={"user_id": "u-swap", "k": 3})
+    assert rec.status_code == 200, "the live profile outlived the model swap"
+    serve.delete("swap")

@@ -59,6 +59,17 @@ def _relevance(extra: str | None) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _given_split(extra: str | None) -> str | None:
+    """A split fixed by the source (Home Depot: by query, so no test query is seen in training)."""
+    if not extra or "split" not in extra:
+        return None
+    try:
+        v = json.loads(extra).get("split")
+    except (ValueError, AttributeError):
+        return None
+    return v if v in ("train", "valid", "test") else None
+
+
 def _sorted_rows(events: pa.Table) -> list[dict[str, Any]]:
     rows = events.to_pylist()
     # Stable sort: events with equal timestamps keep their log order.
@@ -187,7 +198,7 @@ def search_examples(
                 "weight": b["weight"],
                 "timestamp": r["timestamp"],
                 "relevance": _relevance(r.get("extra")),
-                "split": cutoffs.split(r["timestamp"]) if cutoffs else "train",
+                "split": _given_split(r.get("extra")) or (cutoffs.split(r["timestamp"]) if cutoffs else "train"),
             }
         )
     return _table(out)

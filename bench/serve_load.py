@@ -1,0 +1,211 @@
+"""Serving overhead and batching: the same model called in-process vs through Ray Serve over HTTP.
+
+Three systems, each at 1 and 16 concurrent clients, on loopback only, bounded in requests and
+time: (a) an in-process call (encode the query + top-k over the catalog embeddings, exactly the
+work of POST /search), (b) Serve without dynamic batching, (c) Serve with `@serve.batch`. Prints
+p50 / p99 latency and requests/s of each, and the ratios the serving issue sets as goals:
+Serve's added p50 over in-process at 1 client, and batching's throughput gain at 16 clients.
+
+    python -m bench.serve_load [--model bundled|tiny-random|PATH] [--items 2000] [--requests 300]
+
+Both sides run the model on one thread: Ray gives a replica OMP_NUM_THREADS=1 for its CPU share,
+and the in-process side is set to match, so the comparison is of the serving path, not of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WORDS = {
+    "brand": ["Stridex", "Brewmont", "Caffelo", "Pawsome", "Sitwell", "Greenflow", "Trailhaven", "Lumina", "Northpeak", "Cozyloft"],
+    "adj": ["lightweight", "cushioned", "programmable", "ergonomic", "expandable", "ultralight", "stainless", "waterproof", "compact", "cordless"],
+    "noun": ["running shoe", "french press", "espresso machine", "dog bed", "office chair", "garden hose", "backpacking tent", "desk lamp", "rain jacket", "vacuum cleaner"],
+    "cat": ["Sports > Running", "Home > Kitchen > Coffee", "Pets > Dogs", "Office > Furniture", "Garden > Watering", "Outdoors > Camping", "Home > Lighting", "Apparel > Outerwear", "Home > Cleaning"],
+}
+QUERIES = [
+    "trail running shoes", "espresso machine under 300", "memory foam dog bed", "ergonomic chair for back pain",
+    "50 ft garden hose", "ultralight tent for two", "waterproof rain jacket", "cordless vacuum for pet hair",
+    "stainless french press", "led desk lamp", "cushioned shoes for long runs", "compact coffee maker",
+]
+
+
+def _items(n: int, seed: int = 0) -> Any:
+    import pyarrow as pa
+
+    from recsys.schemas import ITEMS_SCHEMA
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        b, a, k, c = (rng.choice(WORDS[w]) for w in ("brand", "adj", "noun", "cat"))
+        title = f"{b} {a.title()} {k.title()} {rng.randint(1, 99)}"
+        rows.append({"item_id": f"I{i:05d}", "title": title, "brand": b, "category": c, "price": float(rng.randint(5, 400)),
+                     "text": f"{title}. Category: {c}. Brand: {b}", "dup_group": i, "popularity": rng.randint(0, 50)})
+    return pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
+
+
+def _summary(lat_s: list[float], wall_s: float) -> dict[str, float]:
+    ms = sorted(x * 1000 for x in lat_s)
+    return {
+        "requests": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2),
+        "req_per_s": round(len(ms) / wall_s, 1),
+    }
+
+
+def bench_in_process(model: str, items: Any, clients: int, n: int, budget_s: float) -> dict[str, float]:
+    import torch
+
+    from recsys.encoder import TextEncoder
+
+    torch.set_num_threads(1)
+    enc = TextEncoder(model)
+    emb = enc.encode_items(items.column("text").to_pylist())  # (n_items, dim)
+    ids = items.column("item_id").to_pylist()
+
+    def search(query: str) -> list[str]:
+        q = enc.encode_queries([query])[0]
+        scores = emb @ q
+        top = np.argpartition(-scores, 10)[:10]
+        return [ids[i] for i in top[np.argsort(-scores[top])]]
+
+    for q in QUERIES:  # warm-up
+        search(q)
+    lat: list[float] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + budget_s
+    counter = iter(range(n))
+
+    def client() -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            t = time.perf_counter()
+            search(QUERIES[i % len(QUERIES)])
+            with lock:
+                lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for f in [pool.submit(client) for _ in range(clients)]:
+            f.result()
+    return _summary(lat, time.perf_counter() - t0)
+
+
+async def _http_load(url: str, clients: int, n: int, budget_s: float) -> dict[str, float]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    counter = iter(range(n))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        for q in QUERIES:  # warm-up (and the first batch of the encoder)
+            (await c.post("/search", json={"query": q, "k": 10})).raise_for_status()
+        deadline = time.perf_counter() + budget_s
+
+        async def client() -> None:
+            nonlocal errors
+            for i in counter:
+                if time.perf_counter() > deadline:
+                    return
+                t = time.perf_counter()
+                r = await c.post("/search", json={"query": QUERIES[i % len(QUERIES)], "k": 10})
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        out = _summary(lat, time.perf_counter() - t0)
+    out["errors"] = errors
+    return out
+
+
+def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], n: dict[int, int], budget_s: float) -> dict[int, dict[str, float]]:
+    from ray import serve
+
+    from recsys.storage import free_port
+    from serve.app import app_builder
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model_uri": model, "items_uri": items_dir, "batching": batching, "max_batch_size": 16,
+        "batch_wait_timeout_s": 0.005, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 0.5,
+        "max_ongoing_requests": 64, "max_queued_requests": 256,
+    }
+    try:
+        serve.run(app_builder(args), name="bench", route_prefix="/")
+        return {c: asyncio.run(_http_load(f"http://127.0.0.1:{port}", c, n[c], budget_s)) for c in clients}
+    finally:
+        serve.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="bundled", help="bundled (MiniLM), tiny-random, or a model path")
+    p.add_argument("--items", type=int, default=2000)
+    p.add_argument("--requests", type=int, default=300, help="requests per system at 1 client (x2 at 16)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="time cap per measurement")
+    p.add_argument("--out", default="runs/bench/serve_load.json")
+    a = p.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from recsys.encoder import resolve_model_path
+    from recsys.runtime import ensure_ray
+
+    model = resolve_model_path(a.model)
+    items = _items(a.items)
+    items_dir = Path(tempfile.mkdtemp(prefix="bench-items-"))
+    pq.write_table(items, items_dir / "part-00000.parquet")
+    clients = [1, 16]
+    n = {1: a.requests, 16: 2 * a.requests}
+    ensure_ray(num_cpus=4)
+    results: dict[str, dict[int, dict[str, float]]] = {"in_process": {}}
+    for c in clients:
+        results["in_process"][c] = bench_in_process(model, items, c, n[c], a.budget_s)
+        print(f"in-process  clients={c:2d} {results['in_process'][c]}", flush=True)
+    for name, batching in (("serve_no_batching", False), ("serve_batching", True)):
+        results[name] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s)
+        for c in clients:
+            print(f"{name:17s} clients={c:2d} {results[name][c]}", flush=True)
+
+    print(f"\nmodel={a.model} items={a.items} (loopback HTTP, POST /search k=10)")
+    print(f"{'system':18s} {'clients':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
+    for name, per in results.items():
+        for c, r in per.items():
+            print(f"{name:18s} {c:7d} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['req_per_s']:8.1f}")
+    added = results["serve_no_batching"][1]["p50_ms"] - results["in_process"][1]["p50_ms"]
+    added_b = results["serve_batching"][1]["p50_ms"] - results["in_process"][1]["p50_ms"]
+    gain = results["serve_batching"][16]["req_per_s"] / results["serve_no_batching"][16]["req_per_s"]
+    vs_inproc = results["serve_batching"][16]["req_per_s"] / results["in_process"][16]["req_per_s"]
+    print(f"\nServe added p50 at 1 client: {added:+.2f} ms without batching, {added_b:+.2f} ms with (goal <= 5 ms)")
+    print(f"batching throughput gain at 16 clients: {gain:.2f}x over Serve without batching (goal >= 2x); "
+          f"{vs_inproc:.2f}x of in-process threads")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"model": a.model, "items": a.items, "results": results,
+               "serve_added_p50_ms": {"no_batching": round(added, 2), "batching": round(added_b, 2)},
+               "batching_gain_16": round(gain, 2), "batching_vs_in_process_16": round(vs_inproc, 2)}
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
