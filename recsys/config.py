@@ -132,6 +132,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 1
     max_failures: int = 1
+    # Fault injection for testing recovery: rank 0's process exits hard at this step, on a run
+    # that did not start from a checkpoint (so the restarted group, resumed, goes on). 0 = off.
+    crash_at_step: int = 0
     log_every: int = 10
     # Where tokenisation runs: "worker" (the train workers' collate). A Ray Data "pipeline"
     # variant is planned; run() rejects anything else with a clear error.

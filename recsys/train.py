@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -225,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("resumed from checkpoint at step %d", engine.global_steps)
 
     shard = ray.train.get_dataset_shard("train")
-    step = engine.global_steps
+    step = start_step = engine.global_steps
     losses: list[float] = []
     t_wait = 0.0
     t_last = time.perf_counter()
@@ -261,6 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "data_wait_s": t_wait,
                     "temperature": float(module.loss.temperature.detach()),
                     "epoch": epoch,
+                    "start_step": start_step,  # > 0: this attempt resumed from a checkpoint
                 }
                 losses, examples_since, t_wait, t_last = [], 0, 0.0, now
                 if rank == 0:
@@ -277,6 +279,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
                 else:
                     ray.train.report(row)
+                if t.crash_at_step and step == t.crash_at_step and ckpt is None and rank == 0:
+                    # A hard process death, as an OOM kill or a lost node would look to Ray Train.
+                    log.warning("train.crash_at_step=%d: exiting this worker to exercise recovery", step)
+                    os._exit(1)
             if step >= t.max_steps:
                 break
             t_fetch = time.perf_counter()
@@ -352,6 +358,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "examples_per_s": final.get("examples_per_s"),
         "export": paths.export_dir(cfg),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "resumed_from_step": final.get("start_step"),
         "metrics_file": paths.metrics_file(cfg),
         "wall_s": round(time.perf_counter() - t0, 1),
     }

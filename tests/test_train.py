@@ -80,3 +80,15 @@ def test_resume_continues_from_the_checkpoint(prepared) -> None:
     ckpt = "s3://" + summary["checkpoint"]
     assert storage.exists(storage.join(ckpt, "config.yaml"), cfg2.storage)
     assert json.loads(storage.read_bytes(storage.join(ckpt, "recsys_state.json"), cfg2.storage))["step"] == 6
+
+
+def test_a_crashed_worker_restarts_from_the_last_checkpoint(prepared) -> None:
+    """FailureConfig: rank 0's process dies hard at step 3; the group restarts, resumes from the
+    step-2 checkpoint and finishes; the metrics show each step once."""
+    from recsys import train
+
+    cfg = _cfg(prepared, zero_stage=2, run_name="crash", max_steps=4, checkpoint_every=2, crash_at_step=3, max_failures=1)
+    summary = train.run(cfg)
+    assert summary["steps"] == 4
+    assert summary["resumed_from_step"] == 2, summary
+    assert [r["step"] for r in _metrics(cfg)] == [1, 2, 3, 4]
