@@ -4,11 +4,16 @@ Same model, loss, optimizer, number of steps and GLOBAL batch on the same prepar
 Prints the per-step time of each (after warm-up steps) and the ratio, plus end-to-end wall time.
 
     python -m bench.train_overhead [--model bundled|tiny-random] [--steps 20] [--global-batch 32]
+                                   [--tokenize-in worker|pipeline|both]
+
+With `--tokenize-in both` (the default) the Ray arm runs twice: tokenising in the train workers'
+collate, and in a Ray Data actor pool ahead of them; both are compared with the plain loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -95,22 +100,32 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=2)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--root", default="runs/bench-train")
+    p.add_argument("--tokenize-in", default="both", choices=["worker", "pipeline", "both"])
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = str(Path(args.root).absolute())
     import shutil
 
-    shutil.rmtree(Path(root) / "bench", ignore_errors=True)  # a fresh Ray Train run, not a resume
     cfg = _prepare(root, args.model, args.global_batch, args.steps, args.zero, args.precision)
     plain, plain_wall = plain_loop(cfg, args.global_batch, args.steps, args.warmup)
-    ours, ours_wall = ray_deepspeed(cfg, args.global_batch, args.warmup)
-    pm, om = statistics.median(plain), statistics.median(ours)
+    modes = ["worker", "pipeline"] if args.tokenize_in == "both" else [args.tokenize_in]
+    ours: dict[str, tuple[float, float]] = {}
+    for mode in modes:
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokenize_in=mode, run_name=f"bench-{mode}"))
+        shutil.rmtree(Path(root) / run_cfg.train.run_name, ignore_errors=True)  # a fresh run, not a resume
+        per_step, wall = ray_deepspeed(run_cfg, args.global_batch, args.warmup)
+        ours[mode] = (statistics.median(per_step), wall)
+    pm = statistics.median(plain)
     print(f"\nmodel={args.model} global_batch={args.global_batch} steps={args.steps} (first {args.warmup} excluded) "
           f"precision={args.precision} zero={args.zero} cores={os.cpu_count()}")
-    print(f"{'setup':42s} {'ms/step (median)':>18s} {'wall s':>8s}")
-    print(f"{'plain PyTorch, 1 process, 2 threads':42s} {pm * 1000:18.0f} {plain_wall:8.1f}")
-    print(f"{f'Ray Train + DeepSpeed ZeRO-{args.zero}, 2 workers':42s} {om * 1000:18.0f} {ours_wall:8.1f}")
-    print(f"ratio ours/plain per step: {om / pm:.2f}x   (goal <= 1.2x)")
+    print(f"{'setup':58s} {'ms/step (median)':>18s} {'wall s':>8s}")
+    print(f"{'plain PyTorch, 1 process, 2 threads':58s} {pm * 1000:18.0f} {plain_wall:8.1f}")
+    for mode, (om, wall) in ours.items():
+        print(f"{f'Ray Train + DeepSpeed ZeRO-{args.zero}, 2 workers, tokenise in {mode}':58s} {om * 1000:18.0f} {wall:8.1f}")
+    for mode, (om, _) in ours.items():
+        print(f"ratio ours/plain per step, tokenise in {mode}: {om / pm:.2f}x   (goal <= 1.2x)")
+    if len(ours) == 2:
+        print(f"pipeline vs worker tokenisation per step: {ours['pipeline'][0] / ours['worker'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -136,9 +136,11 @@ class TrainConfig:
     # that did not start from a checkpoint (so the restarted group, resumed, goes on). 0 = off.
     crash_at_step: int = 0
     log_every: int = 10
-    # Where tokenisation runs: "worker" (the train workers' collate). A Ray Data "pipeline"
-    # variant is planned; run() rejects anything else with a clear error.
+    # Where tokenisation runs: "worker" (in each train worker's collate) or "pipeline" (a Ray
+    # Data actor pool streaming tokenised batches to the workers). Measured: docs/results.md.
     tokenize_in: str = "worker"
+    tokenize_actors: int = 1
+    tokenize_cpus: float = 0.5
     run_name: str = "train"
     seed: int = 0
 
@@ -160,6 +162,11 @@ class EvalConfig:
     # Search only: also re-rank each query's judged items (all of them, any gain) and report
     # `<split>/search_rerank/*` beside full-catalog retrieval (Home Depot's second protocol).
     rerank_judged: bool = False
+    # Next-item only: also rank with the user = decayed sum of the embeddings of the newest
+    # `history_pool_items` history items (weight decay**age), reported as `<system>+histpool`.
+    # The classic item-embedding baseline beside the text user tower; 0 = off.
+    history_pool_items: int = 20
+    history_pool_decay: float = 0.7
     checkpoint: str = ""  # exported model dir; empty = <root>/<train.run_name>/export
 
 

@@ -147,6 +147,19 @@ def _rerank_all(
     return out
 
 
+def pooled_history(histories: list[list[str]], item_ids: list[str], emb: np.ndarray, n: int, decay: float) -> np.ndarray:
+    """Users as the L2-normalised decayed sum of their newest `n` history item embeddings."""
+    pos = {i: k for k, i in enumerate(item_ids)}
+    out = np.zeros((len(histories), emb.shape[1]), dtype=np.float32)  # (users, dim)
+    for u, hist in enumerate(histories):
+        rows = [pos[h] for h in hist if h in pos][:n]  # histories are newest first
+        if rows:
+            v = (decay ** np.arange(len(rows), dtype=np.float32))[:, None] * emb[rows]
+            s = v.sum(0)
+            out[u] = s / max(float(np.linalg.norm(s)), 1e-12)
+    return out
+
+
 def _query_texts(queries: list[dict[str, Any]], text_of: dict[str, str], n_hist: int) -> list[str]:
     return [render_user_text(q["query"], [text_of[h] for h in q["history"] if h in text_of], n_hist) for q in queries]
 
@@ -263,6 +276,10 @@ def run(cfg: Config) -> dict[str, Any]:
             index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items)
             rankings[name] = index.search(q_emb, kmax, exclude)[1]
             q_embs[name] = q_emb
+            if kind == "next_item" and e.history_pool_items > 0:
+                pooled = pooled_history([q["history"] for q in queries], items.column("item_id").to_pylist(),
+                                        item_emb[name], e.history_pool_items, e.history_pool_decay)
+                rankings[f"{name}+histpool"] = index.search(pooled, kmax, exclude)[1]
             timings[f"rank/{kind}/{name}_s"] = round(time.perf_counter() - t, 2)
         for name, ranked in rankings.items():
             metrics.setdefault(name, {}).update(ranking_metrics(ranked, relevant, ks, prefix))

@@ -67,8 +67,11 @@ class ItemTable:
         return np.array([self.index[i] for i in item_ids], dtype=np.int64)
 
 
-def collate(batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
-    """A numpy batch of examples -> tensors for the towers and the loss."""
+def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, Any]:
+    """Examples -> unpadded token ids and loss inputs (runs in the train worker or in Ray Data).
+
+    Token ids stay ragged (one list per row): padding to the batch's longest row happens in
+    `to_tensors`, after Ray Data may have re-batched rows from different blocks."""
     m = cfg.model
     pos = items.rows(list(batch["item_id"]), "training example")
     queries, hist_keys = [], []
@@ -77,23 +80,74 @@ def collate(batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg:
         rows = [items.index[h] for h in hist]
         queries.append(m.query_prefix + render_user_text(query, [items.texts[r] for r in rows], m.user_history_items))
         hist_keys.append(items.keys[rows] if rows else np.zeros(0, dtype=np.int64))
-    width = max(1, max(len(h) for h in hist_keys))
-    hk = np.full((len(hist_keys), width), -1, dtype=np.int64)
-    for i, h in enumerate(hist_keys):
-        hk[i, : len(h)] = h
-    q = tokenizer(queries, padding=True, truncation=True, max_length=m.max_query_tokens, return_tensors="pt")
-    d = tokenizer([m.item_prefix + items.texts[r] for r in pos], padding=True, truncation=True, max_length=m.max_item_tokens, return_tensors="pt")
+    q = tokenizer(queries, truncation=True, max_length=m.max_query_tokens)["input_ids"]
+    d = tokenizer([m.item_prefix + items.texts[r] for r in pos], truncation=True, max_length=m.max_item_tokens)["input_ids"]
     return {
-        "q_ids": q["input_ids"],
-        "q_mask": q["attention_mask"],
-        "d_ids": d["input_ids"],
-        "d_mask": d["attention_mask"],
-        "weights": torch.as_tensor(np.asarray(batch["weight"], dtype=np.float32)),
-        "item_keys": torch.as_tensor(items.keys[pos]),
-        "dup_keys": torch.as_tensor(items.dups[pos]),
-        "history_keys": torch.as_tensor(hk),
-        "logq": torch.as_tensor(items.logq[pos]),
+        "q_ids": q,
+        "d_ids": d,
+        "weights": np.asarray(batch["weight"], dtype=np.float32),
+        "item_keys": items.keys[pos],
+        "dup_keys": items.dups[pos],
+        "history_keys": hist_keys,
+        "logq": items.logq[pos],
     }
+
+
+def _pad(rows: Any, fill: int) -> torch.Tensor:
+    width = max(1, max((len(r) for r in rows), default=0))
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.as_tensor(out)
+
+
+def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Features (ragged token ids) -> padded tensors and masks for the towers and the loss."""
+    q_ids, d_ids = _pad(f["q_ids"], pad_id), _pad(f["d_ids"], pad_id)
+    q_mask = _pad([np.ones(len(r), dtype=np.int64) for r in f["q_ids"]], 0)
+    d_mask = _pad([np.ones(len(r), dtype=np.int64) for r in f["d_ids"]], 0)
+    return {
+        "q_ids": q_ids,
+        "q_mask": q_mask,
+        "d_ids": d_ids,
+        "d_mask": d_mask,
+        "weights": torch.tensor(np.asarray(f["weights"], dtype=np.float32)),
+        "item_keys": torch.tensor(np.asarray(f["item_keys"], dtype=np.int64)),
+        "dup_keys": torch.tensor(np.asarray(f["dup_keys"], dtype=np.int64)),
+        "history_keys": _pad(f["history_keys"], -1),
+        "logq": torch.tensor(np.asarray(f["logq"], dtype=np.float32)),
+    }
+
+
+def collate(batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
+    """A numpy batch of examples -> tensors (tokenising in the train worker)."""
+    return to_tensors(features(batch, items, tokenizer, cfg), tokenizer.pad_token_id or 0)
+
+
+class Featurize:
+    """Ray Data actor for train.tokenize_in=pipeline: tokenise ahead of the train workers."""
+
+    def __init__(self, cfg_dict: dict[str, Any]) -> None:
+        from recsys.model import load_tokenizer
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.items = ItemTable.load(self.cfg)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import pyarrow as pa
+
+        f = features(batch, self.items, self.tokenizer, self.cfg)
+        ints = pa.list_(pa.int32())
+        return pa.table({
+            "q_ids": pa.array(f["q_ids"], ints),
+            "d_ids": pa.array(f["d_ids"], ints),
+            "weights": pa.array(f["weights"]),
+            "item_keys": pa.array(f["item_keys"]),
+            "dup_keys": pa.array(f["dup_keys"]),
+            "history_keys": pa.array([h.tolist() for h in f["history_keys"]], pa.list_(pa.int64())),
+            "logq": pa.array(f["logq"]),
+        })
 
 
 class TrainStep(nn.Module):
@@ -203,6 +257,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     items = ItemTable.load(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    pre_tokenized = t.tokenize_in == "pipeline"
+    pad_id = tokenizer.pad_token_id or 0
     module = TrainStep(
         build_two_tower(cfg.model),
         SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history, t.mask_duplicates),
@@ -241,7 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=max(4 * t.batch_size, 256), local_shuffle_seed=t.seed + epoch,
         ):
             got_batch = True
-            b = {k: v.to(device) for k, v in collate(batch, items, tokenizer, cfg).items()}
+            tensors = to_tensors(batch, pad_id) if pre_tokenized else collate(batch, items, tokenizer, cfg)
+            b = {k: v.to(device) for k, v in tensors.items()}
             t_wait += time.perf_counter() - t_fetch
             loss = engine(b)
             engine.backward(loss)
@@ -306,11 +363,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    if cfg.train.tokenize_in != "worker":
-        raise ValueError(
-            f"train.tokenize_in={cfg.train.tokenize_in!r}: only 'worker' (tokenise in the train "
-            "workers' collate) is implemented so far"
-        )
+    if cfg.train.tokenize_in not in ("worker", "pipeline"):
+        raise ValueError(f"train.tokenize_in={cfg.train.tokenize_in!r}: choose 'worker' or 'pipeline'")
     ensure_ray()
     kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
     files: list[str] = []
@@ -323,6 +377,17 @@ def run(cfg: Config) -> dict[str, Any]:
         )
     fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
     ds = ray.data.read_parquet([storage.filesystem(f, cfg.storage)[1] for f in files], filesystem=fs)
+    if cfg.train.tokenize_in == "pipeline":
+        # Tokenise in a Ray Data actor pool, streaming ahead of the workers (CPU work off the
+        # training processes: on GPU nodes it overlaps with the GPU's step).
+        ds = ds.map_batches(
+            Featurize,
+            fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
+            batch_format="numpy",
+            batch_size=max(64, cfg.train.batch_size),
+            compute=ray.data.ActorPoolStrategy(size=max(1, cfg.train.tokenize_actors)),
+            num_cpus=cfg.train.tokenize_cpus,
+        )
     train_fs, storage_path = storage.train_filesystem(cfg.storage.root, cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,

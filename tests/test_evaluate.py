@@ -67,3 +67,15 @@ def test_rerank_judged_orders_each_querys_candidates() -> None:
     assert out["popularity"] == [["c", "d", "a"]]
     assert out["m"] == [["c", "d", "a"]]
     assert out["bm25"][0][0] == "a" and sorted(out["bm25"][0]) == ["a", "c", "d"]
+
+
+def test_pooled_history_is_the_decayed_normalised_sum() -> None:
+    from recsys.evaluate import pooled_history
+
+    emb = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    got = pooled_history([["b", "a", "zzz"], [], ["c", "a", "b"]], ["a", "b", "c"], emb, n=2, decay=0.5)
+    want0 = np.array([0.5, 1.0]) / np.linalg.norm([0.5, 1.0])  # b (age 0) + 0.5 * a (age 1); unknown ids skipped
+    want2 = np.array([1.5, 1.0]) / np.linalg.norm([1.5, 1.0])  # c + 0.5 * a; b is beyond n=2
+    np.testing.assert_allclose(got[0], want0, atol=1e-6)
+    np.testing.assert_allclose(got[1], [0, 0])
+    np.testing.assert_allclose(got[2], want2, atol=1e-6)
