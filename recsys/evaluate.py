@@ -190,7 +190,7 @@ def markdown_table(metrics: dict[str, dict[str, float]], names: Sequence[str]) -
     systems = list(metrics)
     lines = ["| system | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for s in systems:
-        lines.append(f"| {s} | " + " | ".join(f"{metrics[s].get(n, float('nan')):.4f}" for n in names) + " |")
+        lines.append(f"| {s} | " + " | ".join(f"{metrics[s][n]:.4f}" if n in metrics[s] else "-" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -253,7 +253,10 @@ def run(cfg: Config) -> dict[str, Any]:
         timings[f"embed_catalog/{name}_s"] = round(time.perf_counter() - t, 2)
 
     metrics: dict[str, dict[str, float]] = {}
-    for kind in ("next_item", "search"):
+    # The task the model was trained for (both kinds for "both"): a search-only data set's
+    # per-query "sequences" are not a recommendation task.
+    kinds = ("next_item", "search") if cfg.train.task == "both" else (cfg.train.task,)
+    for kind in kinds:
         ex = _read_dir(paths.examples(cfg, kind, e.split), cfg)
         if ex is None or ex.num_rows == 0:
             continue

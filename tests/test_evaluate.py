@@ -27,9 +27,10 @@ def test_report_on_tiny_model(ray_cluster, tiny_model, tmp_path) -> None:
     export_model(build_two_tower(cfg.model), load_tokenizer(cfg.model), cfg.model, {}, paths.export_dir(cfg))
     result = evaluate.run(cfg)
     m = result["metrics"]
-    assert set(m) == {"popularity", "bm25", "zero_shot", "fine_tuned"}
-    for system in m.values():
-        assert "test/next_item/recall@20" in system and "test/search/ndcg@5" in system
+    assert set(m) == {"popularity", "bm25", "zero_shot", "fine_tuned", "zero_shot+histpool", "fine_tuned+histpool"}
+    for name, system in m.items():
+        assert "test/next_item/recall@20" in system
+        assert ("test/search/ndcg@5" in system) != name.endswith("+histpool")  # pooling is next-item only
         assert all(0.0 <= v <= 1.0 for k, v in system.items() if not k.endswith("/queries"))
     # The exported tiny model is the same network as zero-shot: identical rankings.
     assert m["fine_tuned"]["test/next_item/recall@20"] == pytest.approx(m["zero_shot"]["test/next_item/recall@20"])
