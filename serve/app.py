@@ -17,6 +17,7 @@ and recsys.encoder.render_user_text for users (history newest first).
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import tempfile
@@ -29,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 log = logging.getLogger(__name__)
@@ -77,138 +79,198 @@ def _storage_cfg(args: AppArgs) -> Any:
     return StorageConfig(s3_endpoint=args.s3_endpoint, s3_access_key=args.s3_access_key, s3_secret_key=args.s3_secret_key)
 
 
-def _local_model(args: AppArgs) -> str:
+def _local_model(args: AppArgs, model_uri: str) -> str:
     from recsys import storage
 
-    if storage.is_remote(args.model_uri):
-        return str(storage.download_dir(args.model_uri, tempfile.mkdtemp(prefix="recsys-model-"), _storage_cfg(args)))
-    return args.model_uri
+    if storage.is_remote(model_uri):
+        return str(storage.download_dir(model_uri, tempfile.mkdtemp(prefix="recsys-model-"), _storage_cfg(args)))
+    return model_uri
+
+
+# What a new checkpoint or catalog changes. They reach the replicas through user_config and are
+# loaded in `reconfigure`, off the event loop, beside the current model. NOTE (measured): a
+# redeploy through `serve.run` or a config with changed args still gives every deployment a new
+# version, and Serve replaces a single replica stop-then-start; under load that drops requests
+# (docs/serving.md). Updating only a deployment's user_config would be the in-place path.
+SWAPPABLE = ("model_uri", "items_uri", "index_uri")
 
 
 class ModelMismatch(RuntimeError):
-    """A query vector from one model met catalog embeddings from another: only while a new
-    checkpoint rolls out, replica by replica. The ingress retries until both sides agree."""
+    """A query vector from one model met catalog embeddings from another: only while a swap is
+    under way (the Encoder and the Retriever switch separately). The ingress retries."""
 
 
 @serve.deployment
 class Encoder:
     def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs(**args)
+        self.batching = self.args.batching
+        self.encoder: Any = None
+        self.model_uri = ""
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
         from recsys.encoder import TextEncoder
 
-        a = AppArgs(**args)
-        self.encoder = TextEncoder(_local_model(a))
-        self.batching = a.batching
-        self.model_uri = a.model_uri
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
         if "max_batch_size" in user_config:
             self.encode_batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self.encode_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "batching" in user_config:
             self.batching = bool(user_config["batching"])
+        uri = user_config.get("model_uri") or ""
+        if uri and uri != self.model_uri:
+            t = time.perf_counter()
+            # Loaded off the event loop: requests keep being served by the current model meanwhile.
+            encoder = await asyncio.to_thread(lambda: TextEncoder(_local_model(self.args, uri)))
+            self.encoder, self.model_uri = encoder, uri
+            log.info("encoder now serves %s (loaded in %.1fs)", uri, time.perf_counter() - t)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode_batched(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.encode_queries(texts, batch_size=len(texts)))
+    async def encode_batched(self, texts: list[str]) -> list[tuple[np.ndarray, str]]:
+        encoder, uri = self.encoder, self.model_uri  # one model for the whole batch, even mid-swap
+        return [(v, uri) for v in encoder.encode_queries(texts, batch_size=len(texts))]
 
     async def encode_query(self, text: str) -> tuple[np.ndarray, str]:
         """The query vector and the model that made it (the Retriever checks they match)."""
         if self.batching:
-            return await self.encode_batched(text), self.model_uri
-        return self.encoder.encode_queries([text])[0], self.model_uri
+            return await self.encode_batched(text)
+        encoder, uri = self.encoder, self.model_uri
+        return encoder.encode_queries([text])[0], uri
+
+    async def encode_user(self, history_texts: list[str]) -> tuple[np.ndarray, str]:
+        """A user from their history item texts (newest first), rendered as this model expects."""
+        from recsys.encoder import render_user_text
+
+        return await self.encode_query(render_user_text(None, history_texts, self.encoder.user_history_items))
 
     def info(self) -> dict[str, Any]:
         return {"model_uri": self.model_uri, "user_history_items": self.encoder.user_history_items, "dim": self.encoder.dim}
 
 
+@dataclasses.dataclass
+class Catalog:
+    """Everything the Retriever serves from, swapped as one object."""
+
+    model_uri: str
+    ids: list[str]
+    index: dict[str, int]
+    meta: list[dict[str, Any]]
+    texts: list[str]
+    category: np.ndarray
+    brand: np.ndarray
+    price: np.ndarray
+    emb: np.ndarray  # (n_items, dim), L2-normalised, from model_uri
+
+
+def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str) -> Catalog:
+    """Items and their embeddings: from the saved index when given, else embedded here."""
+    import pyarrow.parquet as pq
+
+    from recsys import storage
+    from recsys.encoder import TextEncoder
+
+    fs, path = storage.filesystem(items_uri, _storage_cfg(a))
+    table = pq.read_table(path, filesystem=fs)
+    ids: list[str] = table.column("item_id").to_pylist()
+    meta = table.select([c for c in ("item_id", "title", "brand", "category", "price") if c in table.column_names]).to_pylist()
+    texts: list[str] = table.column("text").to_pylist()
+    t = time.perf_counter()
+    if index_uri:
+        from recsys.index import load_index
+
+        idx = load_index(index_uri, _storage_cfg(a))
+        pos = {i: n for n, i in enumerate(idx.ids)}
+        missing = [i for i in ids if i not in pos]
+        if missing:
+            raise ValueError(
+                f"index at {index_uri} lacks {len(missing)} of the catalog's items (e.g. {missing[:5]}): "
+                "rebuild it with `python -m jobs.index` for this catalog"
+            )
+        emb = idx.emb[[pos[i] for i in ids]]
+        log.info("loaded the index for %d items in %.1fs", len(ids), time.perf_counter() - t)
+    else:
+        emb = TextEncoder(_local_model(a, model_uri)).encode_items(texts)
+        log.info("embedded %d items in %.1fs", len(ids), time.perf_counter() - t)
+    return Catalog(
+        model_uri=model_uri,
+        ids=ids,
+        index={i: n for n, i in enumerate(ids)},
+        meta=meta,
+        texts=texts,
+        category=np.array([(m.get("category") or "") for m in meta], dtype=object),
+        brand=np.array([(m.get("brand") or "").lower() for m in meta], dtype=object),
+        price=np.array([np.nan if m.get("price") is None else m["price"] for m in meta], dtype=np.float64),
+        emb=emb,
+    )
+
+
 @serve.deployment
 class Retriever:
     def __init__(self, args: dict[str, Any]) -> None:
-        import pyarrow.parquet as pq
+        self.args = AppArgs(**args)
+        self.catalog: Catalog | None = None
+        self.source: tuple[str, str, str] | None = None
 
-        from recsys import storage
-        from recsys.encoder import TextEncoder
-
-        a = AppArgs(**args)
-        self.model_uri = a.model_uri
-        fs, path = storage.filesystem(a.items_uri, _storage_cfg(a))
-        table = pq.read_table(path, filesystem=fs)
-        self.ids: list[str] = table.column("item_id").to_pylist()
-        self.index = {i: n for n, i in enumerate(self.ids)}
-        self.meta = table.select([c for c in ("item_id", "title", "brand", "category", "price") if c in table.column_names]).to_pylist()
-        self.texts: list[str] = table.column("text").to_pylist()
-        self.category = np.array([(m.get("category") or "") for m in self.meta], dtype=object)
-        self.brand = np.array([(m.get("brand") or "").lower() for m in self.meta], dtype=object)
-        self.price = np.array([np.nan if m.get("price") is None else m["price"] for m in self.meta], dtype=np.float64)
-        t = time.perf_counter()
-        if a.index_uri:
-            from recsys.index import load_index
-
-            idx = load_index(a.index_uri, _storage_cfg(a))
-            pos = {i: n for n, i in enumerate(idx.ids)}
-            missing = [i for i in self.ids if i not in pos]
-            if missing:
-                raise ValueError(
-                    f"index at {a.index_uri} lacks {len(missing)} of the catalog's items (e.g. {missing[:5]}): "
-                    "rebuild it with `python -m jobs.index` for this catalog"
-                )
-            self.emb = idx.emb[[pos[i] for i in self.ids]]  # (n_items, dim)
-            log.info("loaded the index for %d items in %.1fs", len(self.ids), time.perf_counter() - t)
-        else:
-            self.emb = TextEncoder(_local_model(a)).encode_items(self.texts)  # (n_items, dim)
-            log.info("embedded %d items in %.1fs", len(self.ids), time.perf_counter() - t)
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        source = (user_config.get("model_uri") or "", user_config.get("items_uri") or "", user_config.get("index_uri") or "")
+        if source != self.source:
+            catalog = await asyncio.to_thread(load_catalog, self.args, *source)
+            self.catalog, self.source = catalog, source
 
     def unknown(self, item_ids: list[str]) -> list[str]:
-        return [i for i in item_ids if i not in self.index]
+        c = self.catalog
+        return [i for i in item_ids if i not in c.index]
 
     def item_texts(self, item_ids: list[str]) -> list[str]:
-        return [self.texts[self.index[i]] for i in item_ids if i in self.index]
+        c = self.catalog
+        return [c.texts[c.index[i]] for i in item_ids if i in c.index]
 
     def search(
         self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_uri: str
     ) -> list[dict[str, Any]]:
-        self._check_model(model_uri)
-        scores = self.emb @ q  # (n_items,)
-        keep = np.ones(len(self.ids), dtype=bool)
+        c = self._catalog_of(model_uri)
+        scores = c.emb @ q  # (n_items,)
+        keep = np.ones(len(c.ids), dtype=bool)
         f = filters or {}
         if f.get("category"):
-            keep &= np.array([c.lower().startswith(f["category"].lower()) for c in self.category])
+            keep &= np.array([cat.lower().startswith(f["category"].lower()) for cat in c.category])
         if f.get("brand"):
-            keep &= self.brand == f["brand"].lower()
+            keep &= c.brand == f["brand"].lower()
         if f.get("min_price") is not None:
-            keep &= self.price >= f["min_price"]
+            keep &= c.price >= f["min_price"]
         if f.get("max_price") is not None:
-            keep &= self.price <= f["max_price"]
+            keep &= c.price <= f["max_price"]
         for i in exclude or []:
-            if i in self.index:
-                keep[self.index[i]] = False
+            if i in c.index:
+                keep[c.index[i]] = False
         cand = np.flatnonzero(keep)
         if len(cand) == 0:
             return []
         k = min(k, len(cand))
         top = cand[np.argpartition(-scores[cand], k - 1)[:k]]
         top = top[np.lexsort((top, -scores[top]))]  # score desc, then catalog order: deterministic
-        return [{**self.meta[i], "score": float(scores[i])} for i in top]
+        return [{**c.meta[i], "score": float(scores[i])} for i in top]
 
     def score(self, q: np.ndarray, item_ids: list[str], model_uri: str) -> list[float]:
-        self._check_model(model_uri)
-        rows = [self.index[i] for i in item_ids]
-        return [float(s) for s in self.emb[rows] @ q]
+        c = self._catalog_of(model_uri)
+        rows = [c.index[i] for i in item_ids]
+        return [float(s) for s in c.emb[rows] @ q]
 
-    def _check_model(self, model_uri: str) -> None:
-        if model_uri != self.model_uri:
-            raise ModelMismatch(f"query from {model_uri!r}, catalog embedded by {self.model_uri!r}")
+    def _catalog_of(self, model_uri: str) -> Catalog:
+        c = self.catalog
+        if model_uri != c.model_uri:
+            raise ModelMismatch(f"query from {model_uri!r}, catalog embedded by {c.model_uri!r}")
+        return c
 
     def size(self) -> int:
-        return len(self.ids)
+        return len(self.catalog.ids)
 
 
 class ProfileStore:
     """Live user profiles: recent engaged items (newest first) and purchases, bounded per user.
 
-    A named detached actor rather than deployment state, so profiles outlive a redeploy (a model
-    swap restarts every deployment of the app). One actor holds them all: enough for one node's
+    A named detached actor rather than deployment state, so profiles outlive a redeploy or a
+    restarted replica. One actor holds them all: enough for one node's
     traffic; a shop at scale would put a key-value store (Redis, DynamoDB) behind the same calls.
     """
 
@@ -336,22 +398,33 @@ class Ingress:
         self.token = a.auth_token or (os.environ.get(a.auth_token_env, "") if a.auth_token_env else "")
         if a.auth_token_env and not self.token:
             raise ValueError(f"auth_token_env={a.auth_token_env!r} names an unset or empty environment variable")
-        self.history_items: int | None = None
 
     async def _call(self, method: Any, *a: Any) -> Any:
-        try:
-            return await method.remote(*a)
-        except BackPressureError as e:
-            raise HTTPProblem(503, f"overloaded, retry later ({e})", {"Retry-After": RETRY_AFTER_S}) from None
+        lost = 0
+        while True:
+            try:
+                return await method.remote(*a)
+            except BackPressureError as e:
+                raise HTTPProblem(503, f"overloaded, retry later ({e})", {"Retry-After": RETRY_AFTER_S}) from None
+            except RayActorError as e:
+                # A replica that died or was stopped mid-call (a rollout, a lost node): the
+                # handle routes the retry to a live one. Our calls are reads or idempotent
+                # profile updates, so trying again is safe.
+                lost += 1
+                log.warning("replica lost mid-call (attempt %d): %s", lost, e)
+                if lost >= 3:
+                    raise HTTPProblem(503, "replicas were lost, retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
+                await asyncio.sleep(0.2)
 
-    async def _retrieve(self, text: str, method: Any, *a: Any) -> Any:
-        """Encode `text`, then call a Retriever method with the vector, both from the same model.
+    async def _retrieve(self, encode: Any, what: Any, method: Any, *a: Any) -> Any:
+        """Encode `what` (a query, or a user's history texts), then call a Retriever method with
+        the vector: both from the same model.
 
-        During a checkpoint swap old and new replicas serve side by side; a mismatch is retried
-        (re-encoding, as the encoder may be the stale side) instead of failing the request."""
+        During a checkpoint swap the Encoder and the Retriever switch models separately; a
+        mismatch is retried (re-encoding: the encoder may be the stale side) instead of failing."""
         deadline = time.monotonic() + SWAP_WAIT_S
         while True:
-            q, model_uri = await self._call(self.encoder.encode_query, text)
+            q, model_uri = await self._call(encode, what)
             try:
                 return await self._call(method, q, *a, model_uri)
             except ModelMismatch:
@@ -363,15 +436,12 @@ class Ingress:
         if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
             raise HTTPProblem(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
-    async def _user_text(self, user_id: str | None, recent: list[str]) -> tuple[str, list[str]]:
-        from recsys.encoder import render_user_text
-
-        if self.history_items is None:
-            self.history_items = (await self._call(self.encoder.info))["user_history_items"]
+    async def _user_history(self, user_id: str | None, recent: list[str]) -> tuple[list[str], list[str]]:
+        """The user's history item texts, newest first (recent ids, then the live profile), and purchases."""
         profile = await self._call(self.profiles.get, user_id) if user_id else {"history": [], "purchased": []}
         history = list(reversed(recent)) + [i for i in profile["history"] if i not in recent]  # newest first
         texts = await self._call(self.retriever.item_texts, history)
-        return render_user_text(None, texts, self.history_items), profile["purchased"]
+        return texts, profile["purchased"]
 
     async def _check_known(self, ids: list[str]) -> None:
         unknown = await self._call(self.retriever.unknown, ids)
@@ -395,29 +465,29 @@ class Ingress:
     async def search(self, body: SearchRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
         filters = body.filters.model_dump() if body.filters else None
-        return {"items": await self._retrieve(body.query.strip(), self.retriever.search, body.k, filters, None)}
+        return {"items": await self._retrieve(self.encoder.encode_query, body.query.strip(), self.retriever.search, body.k, filters, None)}
 
     @api.post("/recommend")
     async def recommend(self, body: RecommendRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
         await self._check_known(body.recent_item_ids)
-        text, purchased = await self._user_text(body.user_id, body.recent_item_ids)
-        if not text:
+        texts, purchased = await self._user_history(body.user_id, body.recent_item_ids)
+        if not texts:
             raise HTTPProblem(404, f"user {body.user_id!r} has no history yet; send /events or recent_item_ids")
         exclude = None if body.include_purchased else purchased
-        return {"items": await self._retrieve(text, self.retriever.search, body.k, None, exclude)}
+        return {"items": await self._retrieve(self.encoder.encode_user, texts, self.retriever.search, body.k, None, exclude)}
 
     @api.post("/score")
     async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
         await self._check_known(body.item_ids + body.recent_item_ids)
         if body.query and body.query.strip():
-            text = body.query.strip()
+            encode, what = self.encoder.encode_query, body.query.strip()
         else:
-            text, _ = await self._user_text(body.user_id, body.recent_item_ids)
-            if not text:
+            encode, (what, _) = self.encoder.encode_user, await self._user_history(body.user_id, body.recent_item_ids)
+            if not what:
                 raise HTTPProblem(404, f"user {body.user_id!r} has no history yet")
-        return {"scores": await self._retrieve(text, self.retriever.score, body.item_ids)}
+        return {"scores": await self._retrieve(encode, what, self.retriever.score, body.item_ids)}
 
     @api.post("/events")
     async def events(self, body: EventsRequest, request: Request) -> dict[str, Any]:
@@ -431,6 +501,8 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Build the application from typed args (validated here, so a bad config fails fast)."""
     a = AppArgs(**args)
     raw = a.model_dump()
+    swap = {k: raw[k] for k in SWAPPABLE}
+    static = {**raw, **{k: "" for k in SWAPPABLE}}  # identical across checkpoints: no replica restarts
     limits = {"max_ongoing_requests": a.max_ongoing_requests, "max_queued_requests": a.max_queued_requests}
     encoder = Encoder.options(
         autoscaling_config={
@@ -440,18 +512,21 @@ def app_builder(args: dict[str, Any]) -> Any:
             "upscale_delay_s": 5,
             "downscale_delay_s": 60,
         },
-        user_config={"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching},
+        user_config={
+            "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching,
+            "model_uri": a.model_uri,
+        },
         ray_actor_options={"num_cpus": a.replica_cpus, "num_gpus": a.encoder_gpus, "resources": a.encoder_resources},
         **limits,
-    ).bind(raw)
-    retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, **limits).bind(raw)
+    ).bind(static)
+    retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, user_config=swap, **limits).bind(static)
     profiles = Profiles.options(ray_actor_options={"num_cpus": 0.1}, **limits).bind(a.max_history, a.profile_store)
     # The ingress only awaits the others and they fail fast when full, so it admits more requests
     # than they do and queues without its own cap: overload then always surfaces as a
     # BackPressureError from a model deployment, answered with 503 + Retry-After (the proxy's own
     # 503 for a full ingress queue carries no Retry-After).
     ingress_limits = {"max_ongoing_requests": 4 * a.max_ongoing_requests, "max_queued_requests": -1}
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **ingress_limits).bind(encoder, retriever, profiles, raw)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1}, **ingress_limits).bind(encoder, retriever, profiles, static)
 
 
 def app_args(cfg: Any) -> dict[str, Any]:

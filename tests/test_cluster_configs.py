@@ -162,6 +162,7 @@ def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     env_names = {e["name"] for c in spec["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"] for e in c["env"]}
     assert args.auth_token_env in env_names
     assert args.encoder_gpus >= 1 and args.model_uri.startswith("s3://")
+    assert all("user_config" not in d for d in app["deployments"]), "user_config comes from args (it carries the model URI)"
     enc = next(d for d in app["deployments"] if d["name"] == "Encoder")
     assert enc["autoscaling_config"]["max_replicas"] > enc["autoscaling_config"]["min_replicas"]
 

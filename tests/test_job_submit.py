@@ -99,15 +99,21 @@ def test_submitted_pipeline_lands_in_s3_and_serves(ray_head: dict[str, str], s3_
     root = f"s3://test/submitted-{secrets.token_hex(3)}"
     serve_port = free_port()
     runtime_env = {"excludes": [".venv", "runs", ".git", "**/__pycache__"]}
-    submit = _ray(
-        "job", "submit", "--address", ray_head["address"], "--working-dir", ".",
-        "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python", "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline_tiny.yaml",
-        "--stages", "prepare,train,evaluate,index,deploy",
-        f"storage.root={root}", f"storage.s3_endpoint={s3_server.endpoint}", f"serve.port={serve_port}",
-        env=ray_head["env"], timeout=900,
-    )
-    out = submit.stdout + submit.stderr
+    for _ in range(12):
+        submit = _ray(
+            "job", "submit", "--address", ray_head["address"], "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            "python", "-m", "jobs.pipeline", "--config", "jobs/configs/pipeline_tiny.yaml",
+            "--stages", "prepare,train,evaluate,index,deploy",
+            f"storage.root={root}", f"storage.s3_endpoint={s3_server.endpoint}", f"serve.port={serve_port}",
+            env=ray_head["env"], timeout=900,
+        )
+        out = submit.stdout + submit.stderr
+        # The head's job agent registers a little after the dashboard answers (seconds on a
+        # loaded machine); until then the job API refuses submissions and nothing is created.
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(5)
     assert submit.returncode == 0 and "succeeded" in out, out[-6000:]
 
     fs, base = storage.filesystem(root, s3_server.storage_config(root))
