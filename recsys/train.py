@@ -337,9 +337,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 else:
                     ray.train.report(row)
                 if t.crash_at_step and step == t.crash_at_step and ckpt is None and rank == 0:
-                    # A hard process death, as an OOM kill or a lost node would look to Ray Train.
-                    log.warning("train.crash_at_step=%d: exiting this worker to exercise recovery", step)
-                    os._exit(1)
+                    marker = storage.join(paths.run_dir(cfg), "crash_injected")
+                    if not storage.exists(marker, cfg.storage):  # once per run, whatever the restarts see
+                        storage.write_bytes(marker, b"1", cfg.storage)
+                        # Give the controller time to register the last checkpoint, then die hard,
+                        # as an OOM kill or a lost node would look to Ray Train.
+                        time.sleep(5)
+                        log.warning("train.crash_at_step=%d: exiting this worker to exercise recovery", step)
+                        os._exit(1)
             if step >= t.max_steps:
                 break
             t_fetch = time.perf_counter()
