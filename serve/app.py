@@ -44,8 +44,10 @@ SWAP_WAIT_S = 30.0
 
 
 class AppArgs(BaseModel):
-    model_uri: str = Field(description="exported model dir (local path or s3://)")
-    items_uri: str = Field(description="items parquet dir in ITEMS_SCHEMA (local path or s3://)")
+    # Empty only in `app_config`'s declarative form, where the model deployments' user_config
+    # carries them instead (so that a checkpoint swap is an in-place reconfigure).
+    model_uri: str = Field("", description="exported model dir (local path or s3://)")
+    items_uri: str = Field("", description="items parquet dir in ITEMS_SCHEMA (local path or s3://)")
     # The catalog index saved by jobs.index / jobs.evaluate; empty = embed the catalog at start-up.
     index_uri: str = ""
     # Bearer token for the whole API; empty = no auth (local mode). In clusters name an
@@ -88,10 +90,10 @@ def _local_model(args: AppArgs, model_uri: str) -> str:
 
 
 # What a new checkpoint or catalog changes. They reach the replicas through user_config and are
-# loaded in `reconfigure`, off the event loop, beside the current model. NOTE (measured): a
-# redeploy through `serve.run` or a config with changed args still gives every deployment a new
-# version, and Serve replaces a single replica stop-then-start; under load that drops requests
-# (docs/serving.md). Updating only a deployment's user_config would be the in-place path.
+# loaded in `reconfigure`, off the event loop, beside the current model. Serve gives an app a new
+# code version (and replaces every replica, stop-then-start with one replica) whenever it is
+# deployed through `serve.run` or with changed args; only a declarative deploy whose args are
+# unchanged updates user_config in place. `app_config` / `deploy` / `swap` use that path.
 SWAPPABLE = ("model_uri", "items_uri", "index_uri")
 
 
@@ -264,6 +266,10 @@ class Retriever:
 
     def size(self) -> int:
         return len(self.catalog.ids)
+
+    def info(self) -> dict[str, Any]:
+        model_uri, items_uri, index_uri = self.source or ("", "", "")
+        return {"model_uri": model_uri, "items_uri": items_uri, "index_uri": index_uri}
 
 
 class ProfileStore:
@@ -497,12 +503,23 @@ class Ingress:
         return {"user_id": body.user_id, "history_length": n}
 
 
+def _user_configs(a: AppArgs) -> dict[str, dict[str, Any]]:
+    raw = a.model_dump()
+    return {
+        "Encoder": {
+            "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching,
+            "model_uri": a.model_uri,
+        },
+        "Retriever": {k: raw[k] for k in SWAPPABLE},
+    }
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """Build the application from typed args (validated here, so a bad config fails fast)."""
     a = AppArgs(**args)
     raw = a.model_dump()
-    swap = {k: raw[k] for k in SWAPPABLE}
     static = {**raw, **{k: "" for k in SWAPPABLE}}  # identical across checkpoints: no replica restarts
+    user_configs = _user_configs(a)
     limits = {"max_ongoing_requests": a.max_ongoing_requests, "max_queued_requests": a.max_queued_requests}
     encoder = Encoder.options(
         autoscaling_config={
@@ -512,14 +529,11 @@ def app_builder(args: dict[str, Any]) -> Any:
             "upscale_delay_s": 5,
             "downscale_delay_s": 60,
         },
-        user_config={
-            "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching,
-            "model_uri": a.model_uri,
-        },
+        user_config=user_configs["Encoder"],
         ray_actor_options={"num_cpus": a.replica_cpus, "num_gpus": a.encoder_gpus, "resources": a.encoder_resources},
         **limits,
     ).bind(static)
-    retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, user_config=swap, **limits).bind(static)
+    retriever = Retriever.options(ray_actor_options={"num_cpus": a.replica_cpus}, user_config=user_configs["Retriever"], **limits).bind(static)
     profiles = Profiles.options(ray_actor_options={"num_cpus": 0.1}, **limits).bind(a.max_history, a.profile_store)
     # The ingress only awaits the others and they fail fast when full, so it admits more requests
     # than they do and queues without its own cap: overload then always surfaces as a
@@ -561,8 +575,126 @@ def app_args(cfg: Any) -> dict[str, Any]:
     return args
 
 
+def app_config(args: dict[str, Any], name: str = "recsys", route_prefix: str = "/") -> dict[str, Any]:
+    """The app as a declarative Serve application config (the schema `serve deploy` takes).
+
+    The swappable URIs ride only in the model deployments' user_config and the args hold the
+    rest, so the app's code version (a hash of import path, runtime env and args) is the same for
+    every checkpoint: deploying this again with another model is an in-place reconfigure of the
+    running replicas, which keep serving the old model until the new one has loaded."""
+    a = AppArgs(**args)
+    if not a.model_uri or not a.items_uri:
+        raise ValueError("app_config needs model_uri and items_uri")
+    static = {**a.model_dump(), **{k: "" for k in SWAPPABLE}}
+    out: dict[str, Any] = {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": "serve.app:app_builder",
+        "args": static,
+        "deployments": [{"name": n, "user_config": uc} for n, uc in _user_configs(a).items()],
+    }
+    import ray
+
+    # A submitted job's working dir / env must reach the replicas the controller builds.
+    current = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    env = {k: v for k, v in current.items() if k in ("working_dir", "py_modules", "env_vars", "pip")}
+    if env:
+        out["runtime_env"] = env
+    return out
+
+
+def check_app_config(app: dict[str, Any]) -> dict[str, str]:
+    """Validate a declarative app config (serve/config.yaml, the RayService, `app_config`'s
+    output) and return the model and catalog it serves. The URIs may sit in args (a change is a
+    full redeploy) or in the Encoder's and Retriever's user_config (a change is an in-place swap);
+    in the latter form both must name the same model, or no query would ever match the catalog."""
+    a = AppArgs(**app.get("args", {}))
+    ucs = {d["name"]: d.get("user_config") for d in app.get("deployments", []) if d.get("user_config") is not None}
+    enc, ret = ucs.get("Encoder"), ucs.get("Retriever")
+    if (enc is None) != (ret is None):
+        raise ValueError("set the URIs in both the Encoder's and the Retriever's user_config, or in neither")
+    if enc is None:
+        out = {"model_uri": a.model_uri, "items_uri": a.items_uri, "index_uri": a.index_uri}
+    else:
+        if a.model_uri or a.items_uri or a.index_uri:
+            raise ValueError("URIs in user_config: leave them out of args (a change there restarts every replica)")
+        if enc.get("model_uri") != ret.get("model_uri"):
+            raise ValueError(f"Encoder user_config model_uri {enc.get('model_uri')!r} != Retriever's {ret.get('model_uri')!r}")
+        for key in ("max_batch_size", "batch_wait_timeout_s", "batching"):
+            if key not in enc:
+                raise ValueError(f"the Encoder's user_config replaces the one built from args: it needs {key!r}")
+        out = {k: ret.get(k) or "" for k in SWAPPABLE}
+    if not out["model_uri"] or not out["items_uri"]:
+        raise ValueError(f"app {app.get('name')!r} names no model_uri or items_uri")
+    return out
+
+
+def _apply(app: dict[str, Any]) -> None:
+    """Apply one app's declarative config, keeping the other declaratively deployed apps (a
+    declarative apply replaces the whole set)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    current = client.get_serve_details().get("applications", {})
+    others = [d["deployed_app_config"] for n, d in current.items() if n != app["name"] and d.get("deployed_app_config")]
+    client.deploy_apps(ServeDeploySchema(applications=[*others, app]))
+
+
+def _wait_serving(name: str, model_uri: str, items_uri: str, timeout_s: float) -> None:
+    """Until the app is RUNNING and its Encoder and Retriever report the given model and catalog."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            st = serve.status().applications.get(name)
+            if st is not None and str(st.status).endswith("RUNNING"):
+                enc = serve.get_deployment_handle("Encoder", name).info.remote().result(timeout_s=10)
+                ret = serve.get_deployment_handle("Retriever", name).info.remote().result(timeout_s=10)
+                last = (enc["model_uri"], ret["model_uri"], ret["items_uri"])
+                if last == (model_uri, model_uri, items_uri):
+                    return
+            else:
+                last = st.status if st is not None else "absent"
+        except Exception as e:  # noqa: BLE001 - replicas starting up: keep waiting until the deadline
+            last = repr(e)[:200]
+        time.sleep(0.5)
+    raise TimeoutError(f"app {name!r} did not come to serve {model_uri} within {timeout_s:.0f}s (last seen: {last})")
+
+
+def deploy_args(args: dict[str, Any], name: str = "recsys", route_prefix: str = "/", timeout_s: float = 600.0) -> None:
+    """Deploy (or swap in place: same args but the URIs) the app declaratively; returns once it
+    serves `args`' model and catalog. Serve must be started (`serve.start`)."""
+    app = app_config(args, name, route_prefix)
+    _apply(app)
+    _wait_serving(name, args["model_uri"], args["items_uri"], timeout_s)
+
+
+def swap(name: str, model_uri: str, index_uri: str = "", items_uri: str = "", timeout_s: float = 600.0) -> None:
+    """Point a running, declaratively deployed app at another model (and index / catalog):
+    an in-place reconfigure, with no replica restart; requests keep being answered, each wholly
+    by the old or wholly by the new model. Returns once the new model serves."""
+    from ray.serve.context import _get_global_client
+
+    current = _get_global_client().get_serve_details().get("applications", {}).get(name) or {}
+    app = current.get("deployed_app_config")
+    if not app:
+        raise ValueError(f"app {name!r} is not deployed declaratively (serve.app.deploy / serve deploy); a serve.run app is replaced, not swapped")
+    ucs = {d["name"]: dict(d.get("user_config") or {}) for d in app.get("deployments", [])}
+    retr = ucs.get("Retriever", {})
+    new = {"model_uri": model_uri, "items_uri": items_uri or retr.get("items_uri") or app["args"].get("items_uri", ""), "index_uri": index_uri}
+    ucs["Encoder"] = {**ucs.get("Encoder", {}), "model_uri": model_uri}
+    ucs["Retriever"] = new
+    deployments = {d["name"]: d for d in app.get("deployments", [])}
+    for n, uc in ucs.items():
+        deployments[n] = {**deployments.get(n, {"name": n}), "user_config": uc}
+    _apply({**app, "deployments": list(deployments.values())})
+    _wait_serving(name, model_uri, new["items_uri"], timeout_s)
+
+
 def deploy(cfg: Any) -> dict[str, Any]:
-    """serve.run the app for this run's model and index; returns once every deployment is ready."""
+    """Deploy the app for this run's model and index declaratively; returns once it serves.
+    Deploying again after training a new checkpoint swaps the model in place."""
     from recsys.runtime import ensure_ray
 
     ensure_ray()
@@ -570,7 +702,7 @@ def deploy(cfg: Any) -> dict[str, Any]:
     args = app_args(cfg)
     t = time.perf_counter()
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(app_builder(args), name=s.app_name, route_prefix=s.route_prefix)
+    deploy_args(args, name=s.app_name, route_prefix=s.route_prefix)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     log.info("app %r ready at %s in %.1fs", s.app_name, url, time.perf_counter() - t)
     shown = {k: ("***" if ("secret" in k or k == "auth_token") and v else v) for k, v in args.items()}

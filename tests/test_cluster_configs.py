@@ -143,7 +143,7 @@ def test_kuberay_rayjob_runs_the_pipeline_with_auth_gpus_and_secrets() -> None:
 def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs
+    from serve.app import AppArgs, check_app_config
 
     docs = _load(CLUSTER / "kuberay" / "rayservice.yaml")
     assert [d["kind"] for d in docs] == ["RayService"]
@@ -161,8 +161,9 @@ def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     assert args.auth_token == "" and args.auth_token_env, "the API token comes from the environment (a Secret)"
     env_names = {e["name"] for c in spec["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"] for e in c["env"]}
     assert args.auth_token_env in env_names
-    assert args.encoder_gpus >= 1 and args.model_uri.startswith("s3://")
-    assert all("user_config" not in d for d in app["deployments"]), "user_config comes from args (it carries the model URI)"
+    served = check_app_config(app)
+    assert args.encoder_gpus >= 1 and served["model_uri"].startswith("s3://")
+    assert all("user_config" in d for d in app["deployments"] if d["name"] in ("Encoder", "Retriever")), "URIs in user_config: swaps in place"
     enc = next(d for d in app["deployments"] if d["name"] == "Encoder")
     assert enc["autoscaling_config"]["max_replicas"] > enc["autoscaling_config"]["min_replicas"]
 

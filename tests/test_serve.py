@@ -162,20 +162,36 @@ def test_auth_when_a_token_is_set(service) -> None:
 def test_serve_config_yaml_validates() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs
+    from serve.app import check_app_config
 
     text = (REPO / "serve" / "config.yaml").read_text()
     assert text.startswith("# serve run")
-    cfg = ServeDeploySchema.model_validate(yaml.safe_load(text)) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(yaml.safe_load(text))
-    app = cfg.applications[0]
-    AppArgs(**app.args)
-    enc = [d for d in app.deployments if d.name == "Encoder"][0]
-    auto = enc.autoscaling_config
-    auto = auto if isinstance(auto, dict) else auto.dict()
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    app = cfg.applications[0].model_dump(exclude_unset=True)
+    served = check_app_config(app)
+    assert served["model_uri"] == "runs/local/local/export"
+    enc = [d for d in app["deployments"] if d["name"] == "Encoder"][0]
+    auto = enc["autoscaling_config"]
     assert auto["min_replicas"] <= auto["max_replicas"]
-    # The app builds user_config from args (it carries the model URI that a swap changes): a
-    # deployment override of user_config would replace it and leave the encoder without a model.
-    assert all("user_config" not in d.model_dump(exclude_unset=True) for d in app.deployments)
+
+
+def test_app_config_puts_uris_only_in_user_config() -> None:
+    """What makes a swap in place: the app's args (hashed into its code version) do not change
+    with the model; the URIs ride in the Encoder's and Retriever's user_config, and must agree."""
+    from serve.app import app_config, check_app_config
+
+    a = app_config({"model_uri": "m1", "items_uri": "it", "index_uri": "ix1"}, name="x")
+    b = app_config({"model_uri": "m2", "items_uri": "it", "index_uri": "ix2"}, name="x")
+    assert a["args"] == b["args"] and a["import_path"] == b["import_path"]
+    assert check_app_config(a) == {"model_uri": "m1", "items_uri": "it", "index_uri": "ix1"}
+    assert check_app_config(b)["model_uri"] == "m2"
+    mixed = {**a, "deployments": [{**d, "user_config": {**d["user_config"], "model_uri": "m2"}} if d["name"] == "Encoder" else d for d in a["deployments"]]}
+    with pytest.raises(ValueError, match="model_uri"):
+        check_app_config(mixed)
+    with pytest.raises(ValueError, match="both"):
+        check_app_config({**a, "deployments": [d for d in a["deployments"] if d["name"] == "Encoder"]})
+    with pytest.raises(ValueError, match="names no model_uri"):
+        check_app_config({"name": "y", "args": {}})
 
 
 def test_overload_gets_503_with_retry_after(service) -> None:
@@ -198,32 +214,37 @@ def test_overload_gets_503_with_retry_after(service) -> None:
     assert service["client"].get("/tight/readyz").status_code == 200
 
 
-def test_swap_to_a_new_checkpoint_never_mixes_models(service, tmp_path) -> None:
-    """Redeploying with a new model URI: no answer ever scores a query from one model against
-    item embeddings from the other, the new model serves afterwards, and live profiles survive.
+def _replica_ids(app: str) -> dict[str, set[str]]:
+    from ray.serve.context import _get_global_client
 
-    Not asserted: zero failed requests. With one replica Serve replaces it stop-then-start, and
-    on a loaded machine a few requests fail with 500 when the old ingress is killed after its
-    grace period (measured 0-4 of ~200 here; docs/serving.md). Open work."""
+    deps = _get_global_client().get_serve_details()["applications"][app]["deployments"]
+    return {n: {r["replica_id"] for r in d["replicas"]} for n, d in deps.items()}
+
+
+def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, tmp_path) -> None:
+    """Swapping a declaratively deployed app to a new model URI under load: every request is
+    answered 200, each answer wholly from one model, the same replicas keep running (an in-place
+    reconfigure, not a restart), the new model serves afterwards, and live profiles survive."""
     from ray import serve
 
     from recsys.encoder import make_tiny_bert
     from recsys.index import build_index
-    from serve.app import app_builder
+    from serve.app import deploy_args, swap
 
     model_b = make_tiny_bert(tmp_path / "model-b", seed=1)
     ids, texts = service["table"].column("item_id").to_pylist(), service["table"].column("text").to_pylist()
     build_index(TextEncoder(model_b).encode_items(texts), ids).save(str(tmp_path / "index-b"))
     base = {"model_uri": service["model"], "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2}
-    serve.run(app_builder(base), name="swap", route_prefix="/swap")
+    deploy_args(base, name="swap", route_prefix="/swap", timeout_s=180)
     c = service["client"]
     assert c.post("/swap/events", json={"user_id": "u-swap", "events": [{"item_id": "P1", "event_type": "click"}]}).status_code == 200
     query = "trail running shoes"
     old = _offline(service["model"], service["table"], query, 8)
     new = _offline(model_b, service["table"], query, 8)
     assert old != new, "the two models must rank differently for this test to see the swap"
+    replicas_before = _replica_ids("swap")
 
-    answers: list[tuple[float, int, list[str] | None]] = []
+    answers: list[tuple[float, int, list[str] | str]] = []
     stop = threading.Event()
 
     def hammer() -> None:
@@ -239,7 +260,7 @@ def test_swap_to_a_new_checkpoint_never_mixes_models(service, tmp_path) -> None:
     try:
         time.sleep(1.0)
         t0 = time.monotonic()
-        serve.run(app_builder({**base, "model_uri": model_b, "index_uri": str(tmp_path / "index-b")}), name="swap", route_prefix="/swap")
+        swap("swap", model_b, index_uri=str(tmp_path / "index-b"), timeout_s=180)
         t1 = time.monotonic()
         time.sleep(1.0)
     finally:
@@ -247,11 +268,13 @@ def test_swap_to_a_new_checkpoint_never_mixes_models(service, tmp_path) -> None:
         for t in threads:
             t.join()
     statuses = collections.Counter(code for _, code, _ in answers)
-    assert statuses[200] > 0 and set(statuses) <= {200, 500, 503}, statuses
+    failed = [a for a in answers if a[1] != 200]
+    assert not failed, (statuses, failed[:3])
     during = [a for a in answers if t0 <= a[0] <= t1]
     assert during, "no request was in flight during the swap"
-    assert all(a[2] in (old, new) for a in answers if a[1] == 200), "every answer comes wholly from one model"
+    assert all(a[2] in (old, new) for a in answers), "every answer comes wholly from one model"
     assert answers[-1][2] == new and c.get("/swap/readyz").json()["model"] == model_b
+    assert _replica_ids("swap") == replicas_before, "a swap reconfigures the running replicas in place"
     rec = c.post("/swap/recommend", json={"user_id": "u-swap", "k": 3})
     assert rec.status_code == 200, "the live profile outlived the model swap"
     serve.delete("swap")
