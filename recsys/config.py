@@ -121,14 +121,17 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 10
     max_steps: int = 100
-    epochs: int = 1
     temperature: float = 0.05
     learn_temperature: bool = False
     gather_negatives: bool = True
     logq_correction: bool = True
     mask_history: bool = True
     mask_duplicates: bool = True
+    # Mined hard negatives per example: BM25 neighbours of the positive item's catalog text
+    # (accidental hits excluded), `hard_negatives` drawn from the best `hard_negative_pool`,
+    # encoded by the item tower and added to that row's softmax. 0 = in-batch negatives only.
     hard_negatives: int = 0
+    hard_negative_pool: int = 10
     checkpoint_every: int = 50
     keep_checkpoints: int = 1
     max_failures: int = 1

@@ -42,7 +42,7 @@ DS_TAG = "ds"
 class ItemTable:
     """Per-item lookups the collate needs: text, key, duplicate group, log sampling probability."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, hard_negative_pool: int = 10, seed: int = 0) -> None:
         ids = table.column("item_id").to_pylist()
         texts = table.column("text").to_pylist()
         dups = table.column("dup_group").to_numpy()
@@ -53,12 +53,57 @@ class ItemTable:
         self.keys = np.array([item_key(i) for i in ids], dtype=np.int64)
         self.dups = dups.astype(np.int64)
         self.logq = logq.astype(np.float32)
+        self.hard_negative_pool = hard_negative_pool
+        self._rng = np.random.default_rng(seed)
+        self._bm25: Any = None
+        self._neighbours: dict[int, np.ndarray] = {}  # item row -> its BM25 neighbours, best first
 
     @staticmethod
     def load(cfg: Config) -> ItemTable:
         uri = paths.items(cfg)
         fs, path = storage.filesystem(uri, cfg.storage)
-        return ItemTable(pq.read_table(path, filesystem=fs))
+        return ItemTable(pq.read_table(path, filesystem=fs), cfg.train.hard_negative_pool, cfg.train.seed)
+
+    def _bm25_neighbours(self, rows: np.ndarray) -> None:
+        import bm25s
+
+        if self._bm25 is None:
+            self._bm25 = bm25s.BM25()
+            self._bm25.index(bm25s.tokenize(self.texts, show_progress=False), show_progress=False)
+        todo = sorted({int(r) for r in rows} - self._neighbours.keys())
+        if not todo:
+            return
+        # Room for the item itself, its duplicates and history hits on top of the pool.
+        k = min(len(self.texts), self.hard_negative_pool + 16)
+        docs, _ = self._bm25.retrieve(
+            bm25s.tokenize([self.texts[r] for r in todo], show_progress=False), k=k, show_progress=False
+        )
+        for r, found in zip(todo, docs, strict=True):
+            self._neighbours[r] = np.asarray(found, dtype=np.int64)
+
+    def hard_negative_rows(self, pos: np.ndarray, history: list[np.ndarray], n: int) -> np.ndarray:
+        """(batch, n) item rows: BM25 neighbours of each positive's text, never an accidental hit.
+
+        The positive, its duplicate group and the row's history are excluded (they are what the
+        in-batch mask hides too); n are drawn from the best `hard_negative_pool` that remain, so
+        the same near-duplicate is not always the negative. Too few neighbours: random items."""
+        self._bm25_neighbours(pos)
+        out = np.empty((len(pos), n), dtype=np.int64)
+        for i, (p, hist) in enumerate(zip(pos, history, strict=True)):
+            banned = set(hist.tolist()) | {int(p)}
+            ok = [c for c in self._neighbours[int(p)].tolist()
+                  if c not in banned and self.dups[c] != self.dups[p]][: self.hard_negative_pool]
+            if len(ok) < n:
+                rest = np.flatnonzero(self.dups != self.dups[p])
+                rest = rest[~np.isin(rest, list(banned | set(ok)))]
+                if len(ok) + len(rest) < n:
+                    raise ValueError(
+                        f"train.hard_negatives={n}: item {p} of the catalog has only {len(ok) + len(rest)} "
+                        "items that are neither it, its duplicates nor in the example's history"
+                    )
+                ok += self._rng.choice(rest, size=n - len(ok), replace=False).tolist()
+            out[i] = self._rng.choice(ok, size=n, replace=False) if len(ok) > n else ok[:n]
+        return out
 
     def rows(self, item_ids: list[str], where: str) -> np.ndarray:
         missing = [i for i in item_ids if i not in self.index]
@@ -74,15 +119,23 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
     `to_tensors`, after Ray Data may have re-batched rows from different blocks."""
     m = cfg.model
     pos = items.rows(list(batch["item_id"]), "training example")
-    queries, hist_keys = [], []
+    queries, hist_keys, hist_rows = [], [], []
     for query, history in zip(batch["query"], batch["history"], strict=True):
         hist = [h for h in (list(history) if history is not None else []) if h in items.index]
         rows = [items.index[h] for h in hist]
         queries.append(m.query_prefix + render_user_text(query, [items.texts[r] for r in rows], m.user_history_items))
         hist_keys.append(items.keys[rows] if rows else np.zeros(0, dtype=np.int64))
+        hist_rows.append(np.asarray(rows, dtype=np.int64))
     q = tokenizer(queries, truncation=True, max_length=m.max_query_tokens)["input_ids"]
     d = tokenizer([m.item_prefix + items.texts[r] for r in pos], truncation=True, max_length=m.max_item_tokens)["input_ids"]
-    return {
+    extra: dict[str, Any] = {}
+    n_hard = cfg.train.hard_negatives
+    if n_hard > 0:
+        hard = items.hard_negative_rows(pos, hist_rows, n_hard)  # (batch, n)
+        h = tokenizer([m.item_prefix + items.texts[r] for r in hard.reshape(-1)], truncation=True,
+                      max_length=m.max_item_tokens)["input_ids"]
+        extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
+    return extra | {
         "q_ids": q,
         "d_ids": d,
         "weights": np.asarray(batch["weight"], dtype=np.float32),
@@ -106,7 +159,7 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     q_ids, d_ids = _pad(f["q_ids"], pad_id), _pad(f["d_ids"], pad_id)
     q_mask = _pad([np.ones(len(r), dtype=np.int64) for r in f["q_ids"]], 0)
     d_mask = _pad([np.ones(len(r), dtype=np.int64) for r in f["d_ids"]], 0)
-    return {
+    out = {
         "q_ids": q_ids,
         "q_mask": q_mask,
         "d_ids": d_ids,
@@ -117,6 +170,11 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
         "history_keys": _pad(f["history_keys"], -1),
         "logq": torch.tensor(np.asarray(f["logq"], dtype=np.float32)),
     }
+    if "h_ids" in f:
+        flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
+        out["h_ids"] = _pad(flat, pad_id)
+        out["h_mask"] = _pad([np.ones(len(t), dtype=np.int64) for t in flat], 0)
+    return out
 
 
 def collate(batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
@@ -139,7 +197,8 @@ class Featurize:
 
         f = features(batch, self.items, self.tokenizer, self.cfg)
         ints = pa.list_(pa.int32())
-        return pa.table({
+        hard = {"h_ids": pa.array(f["h_ids"], pa.list_(ints))} if "h_ids" in f else {}
+        return pa.table(hard | {
             "q_ids": pa.array(f["q_ids"], ints),
             "d_ids": pa.array(f["d_ids"], ints),
             "weights": pa.array(f["weights"]),
@@ -159,10 +218,13 @@ class TrainStep(nn.Module):
         self.loss = loss
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        q, d = self.towers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"])
+        q, d = self.towers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"])  # (batch, dim) each
+        hard = None
+        if "h_ids" in b:
+            hard = self.towers.encode_item(b["h_ids"], b["h_mask"]).view(q.shape[0], -1, d.shape[-1])  # (batch, n, dim)
         return self.loss(
             q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
-            history_keys=b["history_keys"], logq=b["logq"],
+            history_keys=b["history_keys"], logq=b["logq"], hard_negatives=hard,
         )
 
 
@@ -370,6 +432,11 @@ def run(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     if cfg.train.tokenize_in not in ("worker", "pipeline"):
         raise ValueError(f"train.tokenize_in={cfg.train.tokenize_in!r}: choose 'worker' or 'pipeline'")
+    if cfg.train.hard_negatives < 0 or cfg.train.hard_negative_pool < cfg.train.hard_negatives:
+        raise ValueError(
+            f"train.hard_negatives={cfg.train.hard_negatives}, train.hard_negative_pool={cfg.train.hard_negative_pool}: "
+            "need 0 <= hard_negatives <= hard_negative_pool"
+        )
     ensure_ray()
     kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
     files: list[str] = []

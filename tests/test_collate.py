@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from recsys.config import Config
@@ -66,3 +67,70 @@ def test_pipeline_features_round_trip_to_the_same_tensors(tiny_model: str) -> No
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def _shoe_shop(pool: int) -> ItemTable:
+    rows = [  # (id, text, duplicate group)
+        ("A", "red lightweight running shoe", 0),
+        ("A2", "red lightweight running shoe", 0),  # A's duplicate: never A's negative
+        ("B", "blue lightweight running shoe", 1),
+        ("C", "running socks", 2),
+        ("D", "memory foam dog bed", 3),
+        ("E", "glass french press", 4),
+    ]
+    return ItemTable(pa.Table.from_pylist(
+        [{"item_id": i, "title": t, "brand": None, "category": None, "price": None, "text": t, "dup_group": g, "popularity": 1}
+         for i, t, g in rows],
+        schema=ITEMS_SCHEMA,
+    ), hard_negative_pool=pool)
+
+
+def test_hard_negatives_are_bm25_neighbours_and_never_hits() -> None:
+    items = _shoe_shop(pool=1)
+    a, b, c = (items.index[i] for i in ("A", "B", "C"))
+    no_history = np.zeros(0, dtype=np.int64)
+    # A's nearest text is its duplicate A2, then B: the duplicate is skipped.
+    assert items.hard_negative_rows(np.array([a]), [no_history], 1).tolist() == [[b]]
+    # B in the history is a hit too, so the next neighbour (the other "running" item) comes.
+    assert items.hard_negative_rows(np.array([a]), [np.array([b])], 1).tolist() == [[c]]
+    # Two from a pool of two: both neighbours, in some order; never A, A2 or a history item.
+    items2 = _shoe_shop(pool=2)
+    got = items2.hard_negative_rows(np.array([a, b]), [no_history, np.array([c])], 2)
+    assert sorted(got[0].tolist()) == [b, c]
+    assert c not in got[1] and b not in got[1] and len(set(got[1].tolist())) == 2
+    with pytest.raises(ValueError, match="hard_negatives=5"):
+        items.hard_negative_rows(np.array([a]), [np.array([b, c])], 5)
+
+
+def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: str) -> None:
+    from recsys.losses import SampledSoftmaxLoss
+    from recsys.model import build_two_tower
+    from recsys.train import TrainStep
+
+    cfg = Config()
+    cfg.model.name_or_path = tiny_model
+    cfg.train.hard_negatives = 2
+    tok = load_tokenizer(cfg.model)
+    items = _shoe_shop(pool=2)  # pool == n: the draw is deterministic, both modes see the same
+    batch = {
+        "query": np.array(["red running shoe", "dog bed"], dtype=object),
+        "history": np.array([None, np.array(["E"])], dtype=object),
+        "item_id": np.array(["A", "D"], dtype=object),
+        "weight": np.array([1.0, 1.0]),
+    }
+    b = collate(batch, items, tok, cfg)
+    assert b["h_ids"].shape[0] == 4 and b["h_mask"].shape == b["h_ids"].shape
+    actor = Featurize.__new__(Featurize)
+    actor.cfg, actor.items, actor.tokenizer = cfg, items, tok
+    table = actor(batch)
+    got = to_tensors({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, tok.pad_token_id)
+    assert torch.equal(got["h_ids"], b["h_ids"]) and torch.equal(got["h_mask"], b["h_mask"])
+
+    torch.manual_seed(0)
+    step = TrainStep(build_two_tower(cfg.model), SampledSoftmaxLoss(gather=False))
+    with_hard = step(b)
+    without = step({k: v for k, v in b.items() if k not in ("h_ids", "h_mask")})
+    # More negatives in each row's softmax can only raise its cross-entropy.
+    assert with_hard.item() > without.item()
+    with_hard.backward()
+    assert all(p.grad is not None for p in step.towers.parameters() if p.requires_grad)
