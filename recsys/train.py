@@ -345,6 +345,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     step = start_step = engine.global_steps
+    # A resumed attempt walks past the micro-batches the checkpointed steps consumed (same order:
+    # same shuffle seeds per epoch), so it continues the data stream instead of training on its
+    # head a second time. Skipped batches are neither collated nor tokenised, only read.
+    to_skip = skipped = start_step * t.grad_accum
+    t_skip = time.perf_counter()
     losses: list[float] = []
     t_wait = 0.0
     t_last = time.perf_counter()
@@ -359,6 +364,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=max(4 * t.batch_size, 256), local_shuffle_seed=t.seed + epoch,
         ):
             got_batch = True
+            if to_skip:
+                to_skip -= 1
+                t_fetch = time.perf_counter()
+                if not to_skip:
+                    t_last = t_fetch  # examples/s of this attempt's first interval excludes the skip
+                    if rank == 0:
+                        log.info("resume: skipped %d consumed micro-batches in %.1fs", skipped, t_fetch - t_skip)
+                continue
             tensors = to_tensors(batch, pad_id) if pre_tokenized else collate(batch, items, tokenizer, cfg)
             b = {k: v.to(device) for k, v in tensors.items()}
             t_wait += time.perf_counter() - t_fetch
@@ -382,6 +395,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "temperature": float(module.loss.temperature.detach()),
                     "epoch": epoch,
                     "start_step": start_step,  # > 0: this attempt resumed from a checkpoint
+                    "skipped_batches": skipped,  # micro-batches per worker walked past on resume
                 }
                 losses, examples_since, t_wait, t_last = [], 0, 0.0, now
                 if rank == 0:

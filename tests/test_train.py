@@ -80,6 +80,8 @@ def test_resume_continues_from_the_checkpoint(prepared) -> None:
     summary = train.run(cfg2)
     steps = [r["step"] for r in _metrics(cfg2)]
     assert steps == [1, 2, 3, 4, 5, 6], steps
+    # The resumed attempt continued the data stream: it walked past the 4 consumed batches.
+    assert [r.get("skipped_batches") for r in _metrics(cfg2)] == [0, 0, 0, 0, 4, 4]
     assert summary["steps"] == 6
     ckpt = "s3://" + summary["checkpoint"]
     assert storage.exists(storage.join(ckpt, "config.yaml"), cfg2.storage)
@@ -96,3 +98,4 @@ def test_a_crashed_worker_restarts_from_the_last_checkpoint(prepared) -> None:
     assert summary["steps"] == 4
     assert summary["resumed_from_step"] == 2, summary
     assert [r["step"] for r in _metrics(cfg)] == [1, 2, 3, 4]
+    assert [r["skipped_batches"] for r in _metrics(cfg)][2:] == [2, 2]
