@@ -54,6 +54,7 @@ def sampled_softmax_loss(
     history_keys: torch.Tensor | None = None,  # (batch, H) int64 item keys in the row's history, -1 pad
     logq: torch.Tensor | None = None,  # (batch,) log sampling probability of each positive item
     hard_negatives: torch.Tensor | None = None,  # (batch, n, dim) extra negatives per row
+    hard_logq: torch.Tensor | None = None,  # (batch, n) log Q of each hard negative; needed with logq
     gather: bool = True,
 ) -> torch.Tensor:
     """Softmax over the global batch's items; accidental hits masked; logQ-corrected."""
@@ -87,6 +88,12 @@ def sampled_softmax_loss(
     logits = logits.masked_fill(mask, _MASK_VALUE)
     if hard_negatives is not None:
         hn = torch.einsum("bd,bnd->bn", q, hard_negatives) / temperature  # (batch, n)
+        if logq is not None:
+            # Every other logit was shifted by -log Q (about +11 for a 50k-item catalog); an
+            # uncorrected hard negative would sit e^11 below them and carry no gradient.
+            if hard_logq is None:
+                raise ValueError("sampled_softmax_loss: hard_negatives with logq need hard_logq (batch, n)")
+            hn = hn - hard_logq.to(hn.dtype)
         logits = torch.cat([logits, hn], dim=1)
     per_row = F.cross_entropy(logits.float(), labels, reduction="none")  # (batch,)
     if weights is None:
@@ -132,6 +139,7 @@ class SampledSoftmaxLoss(nn.Module):
         history_keys: torch.Tensor | None = None,
         logq: torch.Tensor | None = None,
         hard_negatives: torch.Tensor | None = None,
+        hard_logq: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return sampled_softmax_loss(
             q,
@@ -143,5 +151,6 @@ class SampledSoftmaxLoss(nn.Module):
             history_keys=history_keys if self.mask_history else None,
             logq=logq if self.logq_correction else None,
             hard_negatives=hard_negatives,
+            hard_logq=hard_logq,
             gather=self.gather,
         )

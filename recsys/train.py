@@ -135,6 +135,7 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
         h = tokenizer([m.item_prefix + items.texts[r] for r in hard.reshape(-1)], truncation=True,
                       max_length=m.max_item_tokens)["input_ids"]
         extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
+        extra["h_logq"] = items.logq[hard]  # (batch, n)
     return extra | {
         "q_ids": q,
         "d_ids": d,
@@ -174,6 +175,7 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
         flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
         out["h_ids"] = _pad(flat, pad_id)
         out["h_mask"] = _pad([np.ones(len(t), dtype=np.int64) for t in flat], 0)
+        out["h_logq"] = torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in f["h_logq"]]))  # (batch, n)
     return out
 
 
@@ -197,7 +199,10 @@ class Featurize:
 
         f = features(batch, self.items, self.tokenizer, self.cfg)
         ints = pa.list_(pa.int32())
-        hard = {"h_ids": pa.array(f["h_ids"], pa.list_(ints))} if "h_ids" in f else {}
+        hard = {
+            "h_ids": pa.array(f["h_ids"], pa.list_(ints)),
+            "h_logq": pa.array(f["h_logq"].tolist(), pa.list_(pa.float32())),
+        } if "h_ids" in f else {}
         return pa.table(hard | {
             "q_ids": pa.array(f["q_ids"], ints),
             "d_ids": pa.array(f["d_ids"], ints),
@@ -224,7 +229,7 @@ class TrainStep(nn.Module):
             hard = self.towers.encode_item(b["h_ids"], b["h_mask"]).view(q.shape[0], -1, d.shape[-1])  # (batch, n, dim)
         return self.loss(
             q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
-            history_keys=b["history_keys"], logq=b["logq"], hard_negatives=hard,
+            history_keys=b["history_keys"], logq=b["logq"], hard_negatives=hard, hard_logq=b.get("h_logq"),
         )
 
 

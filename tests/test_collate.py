@@ -125,12 +125,16 @@ def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: st
     table = actor(batch)
     got = to_tensors({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, tok.pad_token_id)
     assert torch.equal(got["h_ids"], b["h_ids"]) and torch.equal(got["h_mask"], b["h_mask"])
+    hard_rows = items.hard_negative_rows(np.array([items.index["A"], items.index["D"]]), [np.zeros(0, np.int64), np.array([items.index["E"]])], 2)
+    assert b["h_logq"].shape == (2, 2) and torch.equal(got["h_logq"], b["h_logq"])
+    assert torch.allclose(b["h_logq"].sort(dim=1).values, torch.tensor(np.sort(items.logq[hard_rows], axis=1)))
 
     torch.manual_seed(0)
     step = TrainStep(build_two_tower(cfg.model), SampledSoftmaxLoss(gather=False))
     with_hard = step(b)
-    without = step({k: v for k, v in b.items() if k not in ("h_ids", "h_mask")})
-    # More negatives in each row's softmax can only raise its cross-entropy.
-    assert with_hard.item() > without.item()
+    without = step({k: v for k, v in b.items() if k not in ("h_ids", "h_mask", "h_logq")})
+    # More negatives in each row's softmax can only raise its cross-entropy, and by a visible
+    # amount: logQ-corrected like the in-batch logits, not e^(-log Q) below them.
+    assert with_hard.item() > without.item() + 0.05
     with_hard.backward()
     assert all(p.grad is not None for p in step.towers.parameters() if p.requires_grad)

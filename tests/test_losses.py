@@ -55,6 +55,14 @@ def test_logq_weights_and_hard_negatives_by_hand() -> None:
     hn = torch.tensor([[[0.0, 1.0]], [[1.0, 1.0]]])  # row0 extra logit 0.0; row1 extra logit 1.0
     got_h = sampled_softmax_loss(Q, D, temperature=t, hard_negatives=hn)
     assert got_h.item() == pytest.approx((_ce([1.0, 0.6, 0.0], 0) + _ce([0.0, 0.8, 1.0], 1)) / 2, rel=1e-6)
+    # With logQ on, hard negatives are corrected by their own log Q like every in-batch logit.
+    hq = torch.tensor([[math.log(0.2)], [math.log(0.01)]])
+    got_hq = sampled_softmax_loss(Q, D, temperature=t, logq=logq, hard_negatives=hn, hard_logq=hq)
+    r0 = _ce([1.0 - math.log(0.5), 0.6 - math.log(0.1), 0.0 - math.log(0.2)], 0)
+    r1 = _ce([0.0 - math.log(0.5), 0.8 - math.log(0.1), 1.0 - math.log(0.01)], 1)
+    assert got_hq.item() == pytest.approx((r0 + r1) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="hard_logq"):
+        sampled_softmax_loss(Q, D, temperature=t, logq=logq, hard_negatives=hn)
 
 
 def test_module_learnable_temperature_and_item_key() -> None:
