@@ -127,13 +127,16 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
         hist_keys.append(items.keys[rows] if rows else np.zeros(0, dtype=np.int64))
         hist_rows.append(np.asarray(rows, dtype=np.int64))
     q = tokenizer(queries, truncation=True, max_length=m.max_query_tokens)["input_ids"]
-    d = tokenizer([m.item_prefix + items.texts[r] for r in pos], truncation=True, max_length=m.max_item_tokens)["input_ids"]
+
+    def item_tokens(rows: Any) -> list[list[int]]:  # positives and hard negatives read alike
+        return tokenizer([m.item_prefix + items.texts[r] for r in rows], truncation=True, max_length=m.max_item_tokens)["input_ids"]
+
+    d = item_tokens(pos)
     extra: dict[str, Any] = {}
     n_hard = cfg.train.hard_negatives
     if n_hard > 0:
         hard = items.hard_negative_rows(pos, hist_rows, n_hard)  # (batch, n)
-        h = tokenizer([m.item_prefix + items.texts[r] for r in hard.reshape(-1)], truncation=True,
-                      max_length=m.max_item_tokens)["input_ids"]
+        h = item_tokens(hard.reshape(-1))
         extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
         extra["h_logq"] = items.logq[hard]  # (batch, n)
     return extra | {
@@ -155,11 +158,15 @@ def _pad(rows: Any, fill: int) -> torch.Tensor:
     return torch.as_tensor(out)
 
 
+def _pad_tokens(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token ids -> (ids, attention mask), both (len(rows), longest)."""
+    return _pad(rows, pad_id), _pad([np.ones(len(r), dtype=np.int64) for r in rows], 0)
+
+
 def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     """Features (ragged token ids) -> padded tensors and masks for the towers and the loss."""
-    q_ids, d_ids = _pad(f["q_ids"], pad_id), _pad(f["d_ids"], pad_id)
-    q_mask = _pad([np.ones(len(r), dtype=np.int64) for r in f["q_ids"]], 0)
-    d_mask = _pad([np.ones(len(r), dtype=np.int64) for r in f["d_ids"]], 0)
+    q_ids, q_mask = _pad_tokens(f["q_ids"], pad_id)
+    d_ids, d_mask = _pad_tokens(f["d_ids"], pad_id)
     out = {
         "q_ids": q_ids,
         "q_mask": q_mask,
@@ -173,8 +180,7 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     }
     if "h_ids" in f:
         flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
-        out["h_ids"] = _pad(flat, pad_id)
-        out["h_mask"] = _pad([np.ones(len(t), dtype=np.int64) for t in flat], 0)
+        out["h_ids"], out["h_mask"] = _pad_tokens(flat, pad_id)
         out["h_logq"] = torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in f["h_logq"]]))  # (batch, n)
     return out
 
