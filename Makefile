@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench-ingest bench-train bench-serve clean
+.PHONY: install demo test test-slow lint bench-ingest bench-train bench-serve bench-recommend clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-train: install
 
 bench-serve: install
 	$(PY) -m bench.serve_load
+
+bench-recommend: install
+	$(PY) -m bench.recommend_throughput
 
 clean:
 	rm -rf runs .pytest_cache

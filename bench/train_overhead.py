@@ -13,7 +13,6 @@ collate, and in a Ray Data actor pool ahead of them; both are compared with the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -111,7 +110,7 @@ def main() -> None:
     modes = ["worker", "pipeline"] if args.tokenize_in == "both" else [args.tokenize_in]
     ours: dict[str, tuple[float, float]] = {}
     for mode in modes:
-        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, tokenize_in=mode, run_name=f"bench-{mode}"))
+        run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokenize_in": mode, "run_name": f"bench-{mode}"})})
         shutil.rmtree(Path(root) / run_cfg.train.run_name, ignore_errors=True)  # a fresh run, not a resume
         per_step, wall = ray_deepspeed(run_cfg, args.global_batch, args.warmup)
         ours[mode] = (statistics.median(per_step), wall)

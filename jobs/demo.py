@@ -2,30 +2,34 @@
 
 Starts a real S3-compatible server on loopback (rclone, stopped by its PID at the end), generates
 the sample shop into it, validates it and builds training examples, fine-tunes the bundled
-MiniLM with 2 Ray Train workers and DeepSpeed, evaluates against the baselines, then starts the
-Ray Serve app, sends a few searches and recommendations over HTTP, prints them and shuts down.
+MiniLM with 2 Ray Train workers and DeepSpeed, evaluates against the baselines, writes batch
+recommendations for every user (jobs.recommend: the index, then Ray Data batch inference), then
+starts the Ray Serve app, sends a few searches and recommendations over HTTP, prints them and
+shuts down. The store's objects stay under --s3-dir, so `python -m jobs.recommend --config
+jobs/configs/demo.yaml` (or `--stages recommend` here) runs again on them later.
 
     python -m jobs.demo --config jobs/configs/demo.yaml [section.key=value ...] [--stages ...]
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.config import Config, load_config, to_yaml
+from jobs import _cli
+from recsys.config import Config
 from recsys.storage import LocalS3Server
 
 log = logging.getLogger("jobs.demo")
 
-STAGES = ("prepare", "train", "evaluate", "serve")
+STAGES = ("prepare", "train", "evaluate", "recommend", "serve")
+DEFAULT_S3_DIR = "runs/demo-s3"
 
 
 def _banner(text: str) -> None:
@@ -43,9 +47,11 @@ def _print_prepare(summary: dict[str, Any]) -> None:
         print("duplicate groups:", json.dumps(dups, default=str))
 
 
-def run_demo(cfg: Config, stages: Sequence[str], s3_dir: Path) -> dict[str, Any]:
-    """Run the chosen stages against a private S3 server rooted at `s3_dir`."""
-    results: dict[str, Any] = {}
+@contextlib.contextmanager
+def demo_store(cfg: Config, s3_dir: Path) -> Iterator[LocalS3Server]:
+    """The demo's object store: a private S3 server (rclone) over `s3_dir`, whose objects are
+    plain files that outlive it; `cfg.storage` and this process's environment (which the Ray
+    workers started afterwards inherit) point at it. Stopped by its own PID on exit."""
     bucket = cfg.storage.root.removeprefix("s3://").split("/", 1)[0]
     with LocalS3Server(root=s3_dir) as server:
         server.make_bucket(bucket)
@@ -56,9 +62,49 @@ def run_demo(cfg: Config, stages: Sequence[str], s3_dir: Path) -> dict[str, Any]
         cfg.storage.s3_secret_key = server.secret_key
         print(f"S3 server (pid {server.proc.pid if server.proc else '?'}) at {server.endpoint}, "
               f"objects under {s3_dir}", flush=True)
+        yield server
 
+
+def stored_demo(cfg: Config, s3_dir: str | Path = DEFAULT_S3_DIR) -> Path | None:
+    """The folder holding this config's bucket from an earlier demo run, when the config names an
+    s3:// root with no endpoint anywhere (nothing else could serve it): jobs run after the demo
+    then start the demo's server over it again. None otherwise."""
+    root = cfg.storage.root
+    if not root.startswith("s3://") or cfg.storage.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"):
+        return None
+    bucket = root.removeprefix("s3://").split("/", 1)[0]
+    folder = Path(s3_dir).absolute()
+    return folder if (folder / bucket).is_dir() else None
+
+
+def local_copy(uri: str, s3_dir: Path | None) -> str:
+    """Where an s3:// object of the demo's store lies on disk (the server serves plain files)."""
+    if s3_dir is None or not uri.startswith("s3://"):
+        return uri
+    return str(Path(s3_dir) / uri.removeprefix("s3://"))
+
+
+def print_recommendations(result: dict[str, Any], rows: list[dict[str, Any]], s3_dir: Path | None = None) -> None:
+    """A batch job's summary and its first rows, and how to read the rest (`s3_dir`: the demo's
+    store, whose files are read directly)."""
+    print(json.dumps({k: v for k, v in result.items() if k != "status"}, indent=2, default=str))
+    for r in rows:
+        who = f"user {r['user_id']}" if r["user_id"] else "request"
+        what = f" query {r['query']!r}" if r["query"] else ""
+        if r["error"]:
+            print(f"  {who}{what}: {r['error']} ({r['error_detail']})")
+        else:
+            top = ", ".join(f"{i} ({s:.3f})" for i, s in zip(r["item_ids"][:5], r["scores"][:5], strict=True))
+            print(f"  {who}{what}: {top}{' ...' if len(r['item_ids']) > 5 else ''}")
+    print(f"read them all: pandas.read_parquet({local_copy(result['output'], s3_dir)!r}) (README: 'Batch recommendations')")
+
+
+def run_demo(cfg: Config, stages: Sequence[str], s3_dir: Path) -> dict[str, Any]:
+    """Run the chosen stages against a private S3 server rooted at `s3_dir`."""
+    results: dict[str, Any] = {}
+    with demo_store(cfg, s3_dir):
         if "prepare" in stages:
-            _banner("1/4 data: generate the sample shop, validate (quarantine), build examples")
+            _banner("1/5 data: generate the sample shop, validate (quarantine), build examples")
             from recsys.data import prepare
 
             t = time.perf_counter()
@@ -68,7 +114,7 @@ def run_demo(cfg: Config, stages: Sequence[str], s3_dir: Path) -> dict[str, Any]
 
         if "train" in stages:
             _banner(
-                f"2/4 fine-tune {cfg.model.name_or_path} with {cfg.train.num_workers} Ray Train "
+                f"2/5 fine-tune {cfg.model.name_or_path} with {cfg.train.num_workers} Ray Train "
                 f"workers + DeepSpeed ZeRO-{cfg.train.zero_stage} ({cfg.train.precision})"
             )
             from recsys import train
@@ -80,20 +126,26 @@ def run_demo(cfg: Config, stages: Sequence[str], s3_dir: Path) -> dict[str, Any]
             print(f"[train done in {time.perf_counter() - t:.1f}s]")
 
         if "evaluate" in stages:
-            _banner("3/4 evaluate on the held-out split: fine-tuned vs zero-shot, BM25, popularity")
+            _banner("3/5 evaluate on the held-out split: fine-tuned vs zero-shot, BM25, popularity")
             from recsys import evaluate
 
             t = time.perf_counter()
             results["evaluate"] = evaluate.run(cfg)
-            table = results["evaluate"].get("markdown") if isinstance(results["evaluate"], dict) else None
-            if table:
-                print(table)
-            else:
-                print(json.dumps(results["evaluate"], indent=2, default=str)[:4000])
+            # Compact: headline metrics per task, best in bold; the full table is in report.md.
+            print(results["evaluate"]["summary"])
             print(f"[evaluate done in {time.perf_counter() - t:.1f}s]")
 
+        if "recommend" in stages:
+            _banner("4/5 batch recommendations: top-10 for every user (Ray Data actor pool), as parquet")
+            from recsys import recommend
+
+            t = time.perf_counter()
+            results["recommend"] = recommend.run(cfg)
+            print_recommendations(results["recommend"], recommend.head(results["recommend"]["output"], cfg), s3_dir)
+            print(f"[recommend done in {time.perf_counter() - t:.1f}s]")
+
         if "serve" in stages:
-            _banner("4/4 serve: Ray Serve app over HTTP, a few searches and recommendations")
+            _banner("5/5 serve: Ray Serve app over HTTP, a few searches and recommendations")
             from serve.demo import serve_demo
 
             t = time.perf_counter()
@@ -103,19 +155,15 @@ def run_demo(cfg: Config, stages: Sequence[str], s3_dir: Path) -> dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="jobs/configs/demo.yaml")
+    parser = _cli.parser(__doc__, default_config="jobs/configs/demo.yaml")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"subset of {STAGES}")
-    parser.add_argument("--s3-dir", default="runs/demo-s3", help="where the local S3 server keeps objects")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    parser.add_argument("--s3-dir", default=DEFAULT_S3_DIR, help="where the local S3 server keeps objects")
+    args = parser.parse_args(_cli.argv_list(argv))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
-    log.info("resolved config:\n%s", to_yaml(cfg))
+    cfg = _cli.load(parser, args)
     t = time.perf_counter()
     try:
         run_demo(cfg, stages, Path(args.s3_dir).absolute())

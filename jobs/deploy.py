@@ -1,5 +1,10 @@
 """Deploy the Serve app on the run's exported model and index; returns once it is ready.
 
+The index is used only if it records the export's model_id (built by jobs.index from this
+export); one built by another model is refused with both identities named. Without an index the
+Retriever embeds the catalog at start-up. Deploying again after retraining to the same path
+serves the new weights: the deployment is keyed by the model's identity, not its path.
+
     python -m jobs.deploy --config jobs/configs/train_local.yaml serve.port=8000
     ray job submit --working-dir . -- python -m jobs.deploy --config jobs/configs/train_cluster.yaml
 
@@ -17,7 +22,7 @@ from jobs._cli import parse
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cfg = parse(argv, "Deploy the scoring and retrieval service")
+    cfg = parse(argv, __doc__)
     from serve.app import deploy
 
     out = deploy(cfg)

@@ -11,11 +11,13 @@ from jobs._cli import parse
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse(argv, "Evaluate and write the transfer report")
+    cfg = parse(argv, __doc__)
     from recsys import evaluate
 
     result = evaluate.run(cfg)
-    print(result["markdown"])
+    # The compact table (headline metrics, best in bold, significance vs the baselines); the
+    # full one is in report.md, which the summary's last line points to.
+    print(result["summary"])
     print(f"report: {result['report_dir']}/report.{{json,md,png}}")
     return result
 

@@ -14,7 +14,7 @@ from jobs._cli import parse
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cfg = parse(argv, "Embed the catalog and build the retrieval index")
+    cfg = parse(argv, __doc__)
     from recsys.evaluate import build_catalog_index
 
     out = build_catalog_index(cfg)

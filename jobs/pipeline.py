@@ -1,5 +1,7 @@
-"""The whole pipeline in one job: prepare -> train -> evaluate (which also saves the index),
-optionally -> index (embed + index without evaluating) -> deploy (start the Serve app).
+"""The whole pipeline in one job: prepare -> train -> evaluate (metrics and report) -> index
+(the serving index: catalog embeddings by the export, recording its model_id), optionally ->
+recommend (batch top-k for every user, jobs.recommend) and deploy (start the Serve app; it
+refuses an index another model built).
 
     python -m jobs.pipeline --config jobs/configs/pipeline_tiny.yaml [--stages prepare,train] [k=v ...]
     ray job submit --working-dir . -- python -m jobs.pipeline --config jobs/configs/train_cluster.yaml
@@ -7,20 +9,19 @@ optionally -> index (embed + index without evaluating) -> deploy (start the Serv
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from jobs import _cli
 from recsys import storage
-from recsys.config import Config, load_config, to_yaml
+from recsys.config import Config
 
 log = logging.getLogger("jobs.pipeline")
-STAGES = ("prepare", "train", "evaluate", "index", "deploy")
-DEFAULT_STAGES = ("prepare", "train", "evaluate")
+STAGES = ("prepare", "train", "evaluate", "index", "recommend", "deploy")
+DEFAULT_STAGES = ("prepare", "train", "evaluate", "index")
 
 
 def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
@@ -41,13 +42,17 @@ def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
             from recsys import evaluate
 
             out = evaluate.run(cfg)
-            result = {k: v for k, v in out.items() if k != "markdown"} if isinstance(out, dict) else out
-            if isinstance(out, dict) and out.get("markdown"):
-                print(out["markdown"])
+            # The tables and the per-pair tests are in the report; the compact summary is printed.
+            result = {k: v for k, v in out.items() if k not in ("markdown", "summary", "significance")}
+            print(out["summary"])
         elif stage == "index":
             from recsys.evaluate import build_catalog_index
 
             result = build_catalog_index(cfg)
+        elif stage == "recommend":
+            from recsys import recommend
+
+            result = recommend.run(cfg)
         elif stage == "deploy":
             from serve.app import deploy
 
@@ -62,18 +67,14 @@ def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="prepare -> train -> evaluate [-> index -> deploy]")
-    parser.add_argument("--config")
+    parser = _cli.parser(__doc__)
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma-separated, from {STAGES}")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    log.info("resolved config:\n%s", to_yaml(cfg))
+    args = parser.parse_args(_cli.argv_list(argv))
     stages = [s for s in args.stages.split(",") if s]
     bad = set(stages) - set(STAGES)
     if bad:
         parser.error(f"unknown stage(s) {sorted(bad)}; choose from {STAGES}")
+    cfg = _cli.load(parser, args)
     summary = run_stages(cfg, stages)
     print(json.dumps(summary, indent=2, default=str))
     return summary

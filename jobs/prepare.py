@@ -19,9 +19,11 @@ def summary(manifest: dict[str, Any]) -> str:
     examples = ", ".join(f"{k}={v}" for k, v in c["examples"].items())
     return "\n".join(
         [
-            f"events:   {c['rows_in']} in, {c['rows_kept']} kept, {c['rows_quarantined']} quarantined ({reasons})",
+            f"events:   {c['rows_in']} in, {c['rows_kept']} kept, {c['rows_quarantined']} quarantined ({reasons}); "
+            f"{c.get('rows_in_files', '?')} rows in {c.get('event_files', '?')} file(s), {c.get('blank_lines', 0)} blank lines",
             f"catalog:  {c['catalog_rows_in']} in, {c['catalog_rows_kept']} kept, "
-            f"{c['catalog_rows_quarantined']} quarantined ({cat_reasons})",
+            f"{c['catalog_rows_quarantined']} quarantined ({cat_reasons}); {c.get('catalog_rows_in_files', '?')} rows in "
+            f"{c.get('catalog_files', '?')} file(s), {c.get('catalog_blank_lines', 0)} blank lines",
             f"users {c['users']}, sessions {c['sessions']}, items {c['items']}",
             f"examples: {examples}",
             f"manifest: {manifest['paths']['manifest']}  ({manifest['wall_s']} s)",
@@ -30,7 +32,7 @@ def summary(manifest: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    cfg = parse(argv, "Validate raw logs and build training examples")
+    cfg = parse(argv, __doc__)
     from recsys.data import prepare
 
     manifest = prepare.run(cfg)

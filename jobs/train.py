@@ -13,7 +13,7 @@ from jobs._cli import parse
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse(argv, "Fine-tune a pretrained encoder on the shop's behaviour")
+    cfg = parse(argv, __doc__)
     from recsys import train
 
     summary = train.run(cfg)

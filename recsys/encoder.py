@@ -7,9 +7,12 @@ in one place is what makes offline evaluation and online serving score exactly l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,91 @@ log = logging.getLogger(__name__)
 
 HISTORY_SEP = " [SEP] "
 RECSYS_META = "recsys_model.json"
+# What a plain (zero-shot) encoder's vectors depend on besides its weights; an export records
+# these (and more) in RECSYS_META. The defaults are TextEncoder's.
+_DEFAULTS: dict[str, Any] = {
+    "pooling": "mean", "normalize": True, "max_query_tokens": 128, "max_item_tokens": 64,
+    "query_prefix": "", "item_prefix": "", "user_history_items": 10,
+}
+ENCODING_SETTINGS = tuple(_DEFAULTS)
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """The files `from_pretrained` takes weights from (safetensors, else the older .bin), every
+    tower and module (2_Dense) included."""
+    files = sorted(p for p in root.rglob("*.safetensors") if p.is_file())
+    return files or sorted(p for p in root.rglob("*.bin") if p.is_file())
+
+
+def model_identity(path: str | Path, settings: dict[str, Any]) -> str:
+    """A model's identity: sha256 over its weight files (relative name, size and bytes) and the
+    settings its vectors depend on (an export's RECSYS_META without `model_id`).
+
+    Two exports of the same weights get the same id wherever they are written; retraining to the
+    same path gets a new one. That is what serving compares, never paths."""
+    root = Path(path)
+    files = _weight_files(root)
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors or *.bin) under {root}: cannot identify the model")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    h.update(json.dumps({k: v for k, v in settings.items() if k != "model_id"}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_meta(path: str | Path) -> dict[str, Any]:
+    meta_file = Path(path) / RECSYS_META
+    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
+def _local_snapshot(name_or_path: str) -> str:
+    """A local directory holding the model's files: the path itself, or the Hugging Face cache's
+    snapshot of a hub id (it has been downloaded by the time an encoder has loaded it)."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - not a local dir and not a cached hub id: say which
+        raise FileNotFoundError(f"no model at {name_or_path}: not a directory, nor a Hugging Face id in the local cache ({type(e).__name__})") from e
+
+
+def local_model_id(path: str, **defaults: Any) -> str:
+    """The identity of the model at a local path (or hub id), as TextEncoder(path, **defaults)
+    would report it: an export's recorded `model_id`, else computed from its files."""
+    path = resolve_model_path(path)
+    meta = _read_meta(path) if Path(path).is_dir() else {}
+    if meta.get("model_id"):
+        return str(meta["model_id"])
+    local = _local_snapshot(path)
+    if meta:  # an export from before identities were recorded
+        return model_identity(local, meta)
+    defaults = {**_DEFAULTS, **defaults}
+    return model_identity(local, {k: defaults[k] for k in ENCODING_SETTINGS})
+
+
+def model_id_at(uri: str, cfg: Any = None) -> str:
+    """The identity of the model at a local path or object-store URI. An export's is read from
+    its small RECSYS_META; a plain model elsewhere than on local disk is downloaded and hashed."""
+    from recsys import storage
+
+    if not storage.is_remote(uri):
+        return local_model_id(uri)
+    meta_uri = storage.join(uri, RECSYS_META)
+    if storage.exists(meta_uri, cfg):
+        meta = storage.read_json(meta_uri, cfg)
+        if meta.get("model_id"):
+            return str(meta["model_id"])
+    with tempfile.TemporaryDirectory(prefix="recsys-model-id-") as tmp:
+        try:
+            return local_model_id(str(storage.download_dir(uri, tmp, cfg)))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no model at {uri}: {e}") from e
 
 
 def bundled_model_path() -> str:
@@ -43,7 +131,7 @@ def make_tiny_bert(path: str | Path, seed: int = 0, hidden: int = 32, layers: in
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     path = Path(path)
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() and _weight_files(path):
         return str(path)
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(bundled_model_path())
@@ -56,9 +144,21 @@ def make_tiny_bert(path: str | Path, seed: int = 0, hidden: int = 32, layers: in
         max_position_embeddings=512,
     )
     model = BertModel(cfg, add_pooling_layer=False)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    # Written aside and renamed into place: processes building the same shared cache entry at
+    # once (two Ray Train workers) would otherwise see a config.json without weights, and one
+    # killed mid-write would leave that state behind for good.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if path.exists() and not _weight_files(path):
+        shutil.rmtree(path, ignore_errors=True)  # a partial one from before
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process has put a complete one there meanwhile (the same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _weight_files(path):
+            raise
     return str(path)
 
 
@@ -103,31 +203,85 @@ def render_user_text(
     return HISTORY_SEP.join(parts) if parts else ""
 
 
+def _load_projection(tower: Path, dim: int) -> torch.Tensor:
+    """The projection of an export whose metadata says it has one: the sentence-transformers
+    Dense module's weight (out_dim, hidden), the same tensor sentence-transformers applies."""
+    from safetensors.torch import load_file
+
+    f = tower / "2_Dense" / "model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"the model's {RECSYS_META} says projection_dim={dim}, but {f} is missing")
+    w = load_file(str(f))["linear.weight"]
+    if w.shape[0] != dim:
+        raise ValueError(f"{f}: projection has {w.shape[0]} outputs, the metadata says projection_dim={dim}")
+    return w.float()
+
+
+def _has_pooler_weights(path: str) -> bool:
+    """Whether a local checkpoint holds pooler weights (BERT-style `pooler.*`). Hub ids and
+    .bin-only folders count as having one (most hub BERTs do; a .bin cannot be read cheaply)."""
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    if not files:
+        return True
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), "pt") as st:  # reads the header only
+            if any(k.startswith("pooler.") or ".pooler." in k for k in st.keys()):
+                return True
+    return False
+
+
+def load_hf_encoder(path: str, dtype: torch.dtype | None = None, keep_pooler: bool = True) -> torch.nn.Module:
+    """`AutoModel.from_pretrained`, with the (never used: we pool token states) pooler built
+    only when the checkpoint has one. Exports are saved without it, so a default load would
+    initialise it at random and transformers would print a LOAD REPORT of MISSING weights
+    ("consider training"); loading a checkpoint that has one without it prints UNEXPECTED.
+    Either report then still means what it says. `keep_pooler=False` drops a loaded pooler
+    afterwards (training: parameters without gradients break DDP / ZeRO reduction)."""
+    from transformers import AutoModel
+
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    model = None
+    if not _has_pooler_weights(path):
+        try:
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
+        except TypeError:  # an architecture without that option (no pooler to build anyway)
+            pass
+    if model is None:
+        model = AutoModel.from_pretrained(path, **kwargs)
+    if not keep_pooler and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # BERT-family forwards skip a None pooler
+    return model
+
+
 class TextEncoder:
     """Inference-only encoder over an exported recsys model or any HF encoder (zero-shot).
 
     An exported model directory holds `recsys_model.json` (pooling, normalisation, prefixes,
-    token limits, and `query/` + `item/` sub-folders when the towers are separate).
+    token limits, projection_dim, the model's identity `model_id`, and `query/` + `item/`
+    sub-folders when the towers are separate). `.model_id` identifies the model for serving.
     """
 
     def __init__(
         self,
         name_or_path: str,
-        pooling: str = "mean",
-        normalize: bool = True,
-        max_query_tokens: int = 128,
-        max_item_tokens: int = 64,
-        query_prefix: str = "",
-        item_prefix: str = "",
-        user_history_items: int = 10,
+        pooling: str = _DEFAULTS["pooling"],
+        normalize: bool = _DEFAULTS["normalize"],
+        max_query_tokens: int = _DEFAULTS["max_query_tokens"],
+        max_item_tokens: int = _DEFAULTS["max_item_tokens"],
+        query_prefix: str = _DEFAULTS["query_prefix"],
+        item_prefix: str = _DEFAULTS["item_prefix"],
+        user_history_items: int = _DEFAULTS["user_history_items"],
         device: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = resolve_model_path(name_or_path)
-        meta_file = Path(path) / RECSYS_META
-        meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        meta = _read_meta(path) if Path(path).is_dir() else {}
+        self.meta = meta
         self.pooling = meta.get("pooling", pooling)
         self.normalize = meta.get("normalize", normalize)
         self.max_query_tokens = meta.get("max_query_tokens", max_query_tokens)
@@ -140,17 +294,34 @@ class TextEncoder:
         q_path = str(Path(path) / "query") if separate else path
         i_path = str(Path(path) / "item") if separate else path
         self.tokenizer = AutoTokenizer.from_pretrained(q_path)
-        self.query_model = AutoModel.from_pretrained(q_path, dtype=dtype).to(self.device).eval()
+        self.query_model = load_hf_encoder(q_path, dtype).to(self.device).eval()
         self.item_model = (
-            AutoModel.from_pretrained(i_path, dtype=dtype).to(self.device).eval()
+            load_hf_encoder(i_path, dtype).to(self.device).eval()
             if separate
             else self.query_model
         )
-        proj_file = Path(path) / "projection.pt"
+        # From the metadata, never from a file's presence: a file left over from an earlier
+        # export at the same place must not turn a model without a projection into one with it.
         self.projection: torch.Tensor | None = None
-        if proj_file.exists():
-            self.projection = torch.load(proj_file, map_location=self.device)
+        proj_dim = int(meta.get("projection_dim", 0) or 0)
+        if proj_dim > 0:
+            self.projection = _load_projection(Path(q_path), proj_dim).to(self.device)
         self.path = path
+        self._model_id: str | None = str(meta["model_id"]) if meta.get("model_id") else None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What this encoder's vectors depend on besides the weights."""
+        return {k: getattr(self, k) for k in ENCODING_SETTINGS}
+
+    @property
+    def model_id(self) -> str:
+        """The model's identity (see `model_identity`): an export's recorded one, else computed
+        (once) from the weight files and this encoder's settings."""
+        if self._model_id is None:
+            local = _local_snapshot(self.path)
+            self._model_id = model_identity(local, self.meta or self.settings)
+        return self._model_id
 
     @classmethod
     def from_model_config(cls, name_or_path: str, mcfg: Any) -> TextEncoder:

@@ -2,14 +2,16 @@
 
 Full ranking over the whole catalog (no sampled negatives). The report (JSON, Markdown table,
 PNG of Recall@K curves) goes to <root>/<run>/eval/. The fine-tuned catalog embeddings are made
-by Ray Data batch inference (an actor pool) and written to the store as parquet; the index over
-them is saved beside the model for serving.
+by Ray Data batch inference (an actor pool) and written to the store as parquet. The serving
+index is not written here but by `build_catalog_index` (jobs.index), from the export alone.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys import paths, storage
+from recsys import paths, significance, storage
+from recsys.bm25 import BM25Index
 from recsys.config import Config, to_dict
-from recsys.encoder import TextEncoder, render_user_text
+from recsys.encoder import RECSYS_META, TextEncoder, model_id_at, render_user_text
 from recsys.index import build_index
-from recsys.metrics import ranking_metrics
+from recsys.metrics import average, per_query_metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +40,67 @@ def _read_dir(uri: str, cfg: Config) -> pa.Table | None:
 
 
 def build_queries(ex: pa.Table, kind: str) -> list[dict[str, Any]]:
-    """One evaluation query per next-item row; per (user, query) for search with graded gains."""
+    """One evaluation query per next-item row; per (user, query) for search with graded gains.
+
+    Each query has `judged` (every example item -> gain, gain-0 judgements included: the
+    re-rank candidates), `relevant` (the items with gain > 0: what metrics count) and `key`, a
+    string naming the query the same way in every run over the same data (JSON of user and
+    query text for search; user, time and target item for next-item; `#n` on repeats) so two
+    runs' per-query values can be paired whatever order the examples were read in.
+    """
     rows = ex.to_pylist()
     if kind == "next_item":
-        return [{"query": None, "history": r["history"] or [], "relevant": {r["item_id"]: 1.0}} for r in rows]
-    grouped: dict[tuple[Any, str], dict[str, Any]] = {}
-    for r in rows:
-        g = grouped.setdefault((r["user_id"], r["query"]), {"query": r["query"], "history": r["history"] or [], "relevant": {}})
-        gain = (r["relevance"] - 1.0) if r["relevance"] is not None else r["weight"]
-        g["relevant"][r["item_id"]] = max(g["relevant"].get(r["item_id"], 0.0), float(gain))
-    return list(grouped.values())
+        out = [
+            {"key": json.dumps([r["user_id"], r["timestamp"].isoformat(), r["item_id"]]), "query": None,
+             "history": r["history"] or [], "judged": {r["item_id"]: 1.0}}
+            for r in rows
+        ]
+    else:
+        grouped: dict[tuple[Any, str], dict[str, Any]] = {}
+        for r in rows:
+            g = grouped.setdefault(
+                (r["user_id"], r["query"]),
+                {"key": json.dumps([r["user_id"], r["query"]]), "query": r["query"], "history": r["history"] or [], "judged": {}},
+            )
+            # Graded judgements (Home Depot's 1-3): gain = relevance - 1, so "irrelevant" is 0.
+            gain = (r["relevance"] - 1.0) if r["relevance"] is not None else r["weight"]
+            g["judged"][r["item_id"]] = max(g["judged"].get(r["item_id"], 0.0), float(gain))
+        out = list(grouped.values())
+    seen: dict[str, int] = {}
+    for q in out:
+        q["relevant"] = {i: g for i, g in q["judged"].items() if g > 0}
+        n = seen[q["key"]] = seen.get(q["key"], 0) + 1
+        if n > 1:
+            q["key"] += f"#{n}"
+    return out
 
 
 def _encoder(path: str, cfg: Config) -> TextEncoder:
     return TextEncoder.from_model_config(path, cfg.model)
 
 
-def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -> np.ndarray:
-    """Catalog embeddings by Ray Data batch inference (actor pool; GPU through config)."""
+EMBEDDINGS_MODEL_KEY = b"recsys.model_id"  # parquet schema metadata: the model that made the embeddings
+
+
+def embeddings_model_id(uri: str, cfg: Config) -> str:
+    """The model that made the catalog embeddings under `uri` ("" if they record none)."""
+    files = storage.list_files(uri, cfg.storage, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no catalog embeddings under {uri}")
+    fs, _ = storage.filesystem(uri, cfg.storage)
+    meta = pq.read_schema(storage.filesystem(files[0], cfg.storage)[1], filesystem=fs).metadata or {}
+    return meta.get(EMBEDDINGS_MODEL_KEY, b"").decode()
+
+
+def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -> tuple[np.ndarray, str]:
+    """Catalog embeddings by Ray Data batch inference (actor pool; GPU through config), in the
+    items' order, and the identity of the model that made them. The parquet written to
+    `out_uri` (replacing what was there) records that identity in its schema metadata."""
     import ray.data
 
     from recsys.runtime import ensure_ray
 
-    ensure_ray()
+    ensure_ray(cfg=cfg)
 
     class Embed:
         def __init__(self) -> None:
@@ -67,9 +108,19 @@ def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -
 
         def __call__(self, batch: pa.Table) -> pa.Table:
             emb = self.encoder.encode_items(batch.column("text").to_pylist(), batch_size=cfg.eval.embed_batch_size)
-            return pa.table({"item_id": batch.column("item_id"), "embedding": pa.array(list(emb), pa.list_(pa.float32()))})
+            # Each row says which model made it: the actors load the model on their own.
+            return pa.table({
+                "item_id": batch.column("item_id"),
+                "embedding": pa.array(list(emb), pa.list_(pa.float32())),
+                "model_id": pa.array([self.encoder.model_id] * batch.num_rows, pa.string()),
+            })
 
-    ds = ray.data.from_arrow(items.select(["item_id", "text"])).map_batches(
+    # Several blocks, not one: a single block is a single task (extra actors would idle) and
+    # its progress jumps from 0 to done.
+    n = items.num_rows
+    per_block = max(256, min(4096, -(-n // (8 * max(1, cfg.eval.embed_actors)))))
+    blocks = [items.select(["item_id", "text"]).slice(s, per_block) for s in range(0, n, per_block)]
+    ds = ray.data.from_arrow(blocks).map_batches(
         Embed,
         batch_format="pyarrow",
         batch_size=max(cfg.eval.embed_batch_size, 256),
@@ -78,11 +129,26 @@ def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -
         num_cpus=0.5 if not cfg.train.use_gpu else 1,
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    progress = _Progress(n, "embed catalog (Ray Data)", "items")
+    parts = []
+    for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        parts.append(part)
+        progress.update(part.num_rows)
+    progress.close()
+    table = pa.concat_tables(parts)
+    if table.num_rows != n:
+        raise RuntimeError(f"catalog embedding returned {table.num_rows} rows for {n} items")
+    ids = set(table.column("model_id").to_pylist())
+    if len(ids) != 1:  # the export was replaced while the actors were loading it
+        raise RuntimeError(f"catalog embeddings from {model_path} came from {len(ids)} different models {sorted(ids)}: run again")
+    model_id = ids.pop()
+    table = table.drop_columns(["model_id"])
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), EMBEDDINGS_MODEL_KEY: model_id.encode()})
+    storage.clear_dir(out_uri, cfg.storage)
     storage.write_parquet(table, storage.join(out_uri, "part-00000.parquet"), cfg.storage)
     order = {i: n for n, i in enumerate(table.column("item_id").to_pylist())}
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    return emb[[order[i] for i in items.column("item_id").to_pylist()]].astype(np.float32)
+    return emb[[order[i] for i in items.column("item_id").to_pylist()]].astype(np.float32), model_id
 
 
 def _rank_popularity(items: pa.Table, queries: list[dict[str, Any]], k: int, exclude: list[set[str]] | None) -> list[list[str]]:
@@ -97,13 +163,11 @@ def _rank_popularity(items: pa.Table, queries: list[dict[str, Any]], k: int, exc
 
 
 def _rank_bm25(items: pa.Table, texts: list[str], k: int, exclude: list[set[str]] | None) -> list[list[str]]:
-    import bm25s
-
     ids = items.column("item_id").to_pylist()
     retriever = _bm25_scorer(items)
     extra = max((len(e) for e in exclude), default=0) if exclude else 0
     kk = min(k + extra, len(ids))
-    docs, _ = retriever.retrieve(bm25s.tokenize(texts, show_progress=False), k=kk, show_progress=False)
+    docs = retriever.retrieve(texts, kk)
     out = []
     for n, row in enumerate(docs):
         ex = exclude[n] if exclude else set()
@@ -111,12 +175,8 @@ def _rank_bm25(items: pa.Table, texts: list[str], k: int, exclude: list[set[str]
     return out
 
 
-def _bm25_scorer(items: pa.Table) -> Any:
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(items.column("text").to_pylist(), show_progress=False), show_progress=False)
-    return retriever
+def _bm25_scorer(items: pa.Table) -> BM25Index:
+    return BM25Index.build(items.column("text").to_pylist(), items.column("item_id").to_pylist())
 
 
 def _rerank(candidates: list[list[str]], scores: list[np.ndarray]) -> list[list[str]]:
@@ -129,10 +189,8 @@ def _rerank_all(
     item_emb: dict[str, np.ndarray], systems: Sequence[str],
 ) -> dict[str, list[list[str]]]:
     """Re-rank each query's judged items (every judged item, whatever its gain) per system."""
-    import bm25s
-
     pos = {i: n for n, i in enumerate(items.column("item_id").to_pylist())}
-    cands = [[i for i in q["relevant"] if i in pos] for q in queries]
+    cands = [[i for i in q["judged"] if i in pos] for q in queries]
     rows = [np.array([pos[i] for i in c], dtype=np.int64) for c in cands]
     out: dict[str, list[list[str]]] = {}
     if "popularity" in systems:
@@ -140,8 +198,7 @@ def _rerank_all(
         out["popularity"] = _rerank(cands, [pop[r] for r in rows])
     if "bm25" in systems:
         retriever = _bm25_scorer(items)
-        toks = bm25s.tokenize(texts, return_ids=False, show_progress=False)
-        out["bm25"] = _rerank(cands, [retriever.get_scores(t)[r] if t else np.zeros(len(r)) for t, r in zip(toks, rows, strict=True)])
+        out["bm25"] = _rerank(cands, [retriever.scores(t, r) for t, r in zip(texts, rows, strict=True)])
     for name, emb in item_emb.items():
         out[name] = _rerank(cands, [emb[r] @ q for r, q in zip(rows, q_emb[name], strict=True)])
     return out
@@ -194,6 +251,154 @@ def markdown_table(metrics: dict[str, dict[str, float]], names: Sequence[str]) -
     return "\n".join(lines)
 
 
+# Systems every other one is compared with (report.json "significance"), weakest first.
+BASELINES = ("popularity", "bm25", "zero_shot")
+TASK_ORDER = ("next_item", "search", "search_rerank")
+
+
+def headline_metrics(ks: Sequence[int]) -> list[str]:
+    """The few metrics a reader looks at first: NDCG, recall and MRR at 10, recall at 50 (at the
+    evaluated K nearest to 10 / 50 when those are not evaluated)."""
+    ks = sorted(set(ks))
+    small = min(ks, key=lambda k: abs(k - 10))  # ties: the smaller K
+    large = min(ks, key=lambda k: abs(k - 50))
+    names = [f"ndcg@{small}", f"recall@{small}"]
+    if large != small:
+        names.append(f"recall@{large}")
+    return [*names, f"mrr@{small}"]
+
+
+def summary_table(
+    metrics: dict[str, dict[str, float]], tasks: Sequence[str], ks: Sequence[int],
+    comparisons: Sequence[dict[str, Any]] = (),
+) -> str:
+    """One small table per task (systems x headline metrics, best in bold), then how fine_tuned
+    compares with each baseline on the first headline metric (paired test over queries)."""
+    names = headline_metrics(ks)
+    blocks = []
+    for task in tasks:
+        systems = [s for s in metrics if f"{task}/{names[0]}" in metrics[s]]
+        if not systems:
+            continue
+        best = {n: max(metrics[s].get(f"{task}/{n}", float("-inf")) for s in systems) for n in names}
+        lines = [f"{task} ({int(metrics[systems[0]].get(f'{task}/queries', 0))} queries)", "",
+                 "| system | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        for s in systems:
+            cells = []
+            for n in names:
+                v = metrics[s].get(f"{task}/{n}")
+                cells.append("-" if v is None else f"**{v:.4f}**" if v == best[n] else f"{v:.4f}")
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        vs = [c for c in comparisons if c["task"] == task and c["system"] == "fine_tuned" and c["metric"] == names[0]]
+        if vs:
+            lines += ["", f"fine_tuned vs the baselines on {names[0]}, paired over queries:"]
+            lines += [f"- vs {c['baseline']}: {significance.describe(c)}" for c in vs]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def compare_systems(
+    per_query: dict[str, dict[str, dict[str, np.ndarray]]], metric_names: Sequence[str],
+    resamples: int = 10_000, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Paired tests (recsys.significance) of every system against every baseline before it in
+    BASELINES order, per task (`per_query`: task -> system -> metric -> per-query values)."""
+    rows = []
+    for task, systems in per_query.items():
+        order = [s for s in BASELINES if s in systems] + [s for s in systems if s not in BASELINES]
+        for i, system in enumerate(order):
+            for base in (b for b in order[:i] if b in BASELINES):
+                for metric in metric_names:
+                    try:
+                        r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
+                    except ValueError as err:
+                        log.warning("no significance test of %s vs %s on %s %s: %s", system, base, task, metric, err)
+                        continue
+                    rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
+    return rows
+
+
+PER_QUERY_FILE = "per_query.parquet"
+
+
+def per_query_table(per_query: dict[str, dict[str, dict[str, np.ndarray]]], keys: dict[str, list[str]]) -> pa.Table:
+    """Long format, one row per (task, query, system): task, query_index, query_key, system,
+    scored (False: nothing relevant, the metrics are NaN) and one column per metric."""
+    parts = []
+    for task, systems in per_query.items():
+        for system, values in systems.items():
+            n = len(keys[task])
+            first = next(iter(values.values()))
+            cols: dict[str, Any] = {
+                "task": pa.array([task] * n, pa.string()),
+                "query_index": pa.array(np.arange(n, dtype=np.int32)),
+                "query_key": pa.array(keys[task], pa.string()),
+                "system": pa.array([system] * n, pa.string()),
+                "scored": pa.array(~np.isnan(first)),
+            }
+            cols.update({name: pa.array(v, pa.float64()) for name, v in values.items()})
+            parts.append(pa.table(cols))
+    return pa.concat_tables(parts)
+
+
+def _relative_paths(obj: Any, cfg: Config) -> Any:
+    """Every string in a report naming a path under storage.root, made relative to it."""
+    root = cfg.storage.root.rstrip("/")
+    if isinstance(obj, dict):
+        return {k: _relative_paths(v, cfg) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_paths(v, cfg) for v in obj]
+    if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
+        return paths.relative(cfg, obj)
+    return obj
+
+
+class _Progress:
+    """One progress display per long step: a tqdm bar on a terminal; elsewhere (job logs, files)
+    a log line with the estimate of time left every `every_s` seconds and one at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, every_s: float = 30.0) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.n >= self.total:
+            self.last = now
+            log.info("%s", self._tqdm.format_meter(
+                self.n, self.total, now - self.t0, prefix=self.desc, unit=self.unit,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed} elapsed, {remaining} left, {rate_fmt}]"))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _encode(encode: Any, texts: list[str], batch_size: int, dim: int, desc: str, unit: str) -> np.ndarray:
+    """`encode(texts, batch_size=...)` chunk by chunk with progress; the chunks are whole
+    batches, so the embeddings equal one call's."""
+    parts = []
+    bar = _Progress(len(texts), desc, unit)
+    for sl in _chunks(len(texts), batch_size * 32):
+        parts.append(encode(texts[sl], batch_size=batch_size))
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+
+
 def _local_export(cfg: Config) -> str:
     export = paths.export_dir(cfg)
     if not storage.is_remote(export):
@@ -209,18 +414,23 @@ def _items(cfg: Config) -> pa.Table:
 
 
 def build_catalog_index(cfg: Config) -> dict[str, Any]:
-    """The serving artefacts alone: catalog embeddings by the exported model, and the index."""
+    """The serving artefacts: catalog embeddings by the exported model, and the index over them,
+    both recording that model's identity (serving refuses an index of another model). The only
+    writer of the serving index: evaluation does not write one."""
     t0 = time.perf_counter()
     items = _items(cfg)
     export = paths.export_dir(cfg)
-    if not storage.exists(storage.join(export, "recsys_model.json"), cfg.storage):
+    if not storage.exists(storage.join(export, RECSYS_META), cfg.storage):
         raise FileNotFoundError(f"no exported model at {export}: run the train job first (or set eval.checkpoint)")
-    emb = embed_catalog(cfg, _local_export(cfg), items, paths.embeddings(cfg))
-    index = build_index(emb, items.column("item_id").to_pylist(), cfg.eval.index, cfg.eval.exact_max_items)
+    emb, model_id = embed_catalog(cfg, _local_export(cfg), items, paths.embeddings(cfg))
+    now = model_id_at(export, cfg.storage)
+    if model_id != now:  # the export was replaced while the catalog was being embedded
+        raise RuntimeError(f"the catalog was embedded by model {model_id}, but the export at {export} is now {now}: run again")
+    index = build_index(emb, items.column("item_id").to_pylist(), cfg.eval.index, cfg.eval.exact_max_items, model_id=model_id)
     index.save(paths.index_dir(cfg), cfg.storage)
     out = {"index": paths.index_dir(cfg), "kind": index.kind, "items": items.num_rows, "dim": int(emb.shape[1]),
-           "embeddings": paths.embeddings(cfg), "model": export, "wall_s": round(time.perf_counter() - t0, 1)}
-    log.info("index over %d items (%s) written to %s", items.num_rows, index.kind, out["index"])
+           "embeddings": paths.embeddings(cfg), "model": export, "model_id": model_id, "wall_s": round(time.perf_counter() - t0, 1)}
+    log.info("index over %d items (%s) by model %s written to %s", items.num_rows, index.kind, model_id, out["index"])
     return out
 
 
@@ -247,12 +457,17 @@ def run(cfg: Config) -> dict[str, Any]:
     for name, path in encoders.items():
         t = time.perf_counter()
         if name == "fine_tuned":
-            item_emb[name] = embed_catalog(cfg, path, items, paths.embeddings(cfg))
+            log.info("embedding %d catalog items with %s by Ray Data batch inference", items.num_rows, name)
+            item_emb[name] = embed_catalog(cfg, path, items, paths.embeddings(cfg))[0]
         else:
-            item_emb[name] = _encoder(path, cfg).encode_items(items.column("text").to_pylist(), batch_size=e.embed_batch_size)
+            enc = _encoder(path, cfg)
+            item_emb[name] = _encode(enc.encode_items, items.column("text").to_pylist(), e.embed_batch_size, enc.dim,
+                                     f"embed catalog ({name})", "items")
         timings[f"embed_catalog/{name}_s"] = round(time.perf_counter() - t, 2)
 
     metrics: dict[str, dict[str, float]] = {}
+    per_query: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # task -> system -> metric -> values
+    keys: dict[str, list[str]] = {}  # task -> query keys, aligned with the per-query values
     # The task the model was trained for (both kinds for "both"): a search-only data set's
     # per-query "sequences" are not a recommendation task.
     kinds = ("next_item", "search") if cfg.train.task == "both" else (cfg.train.task,)
@@ -275,35 +490,60 @@ def run(cfg: Config) -> dict[str, Any]:
         for name, path in encoders.items():
             t = time.perf_counter()
             enc = _encoder(path, cfg)
-            q_emb = enc.encode_queries(_query_texts(queries, text_of, enc.user_history_items), batch_size=e.embed_batch_size)
             index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items)
-            rankings[name] = index.search(q_emb, kmax, exclude)[1]
-            q_embs[name] = q_emb
+            texts = _query_texts(queries, text_of, enc.user_history_items)
+            bar = _Progress(len(queries), f"rank {kind} ({name})", "queries")
+            q_parts: list[np.ndarray] = []
+            ranked: list[list[str]] = []
+            for sl in _chunks(len(queries), e.embed_batch_size * 16):  # whole batches: same embeddings
+                q_parts.append(enc.encode_queries(texts[sl], batch_size=e.embed_batch_size))
+                ranked += index.search(q_parts[-1], kmax, exclude[sl] if exclude else None)[1]
+                bar.update(sl.stop - sl.start)
+            bar.close()
+            rankings[name] = ranked
+            q_embs[name] = np.concatenate(q_parts) if q_parts else np.zeros((0, enc.dim), dtype=np.float32)
             if kind == "next_item" and e.history_pool_items > 0:
                 pooled = pooled_history([q["history"] for q in queries], items.column("item_id").to_pylist(),
                                         item_emb[name], e.history_pool_items, e.history_pool_decay)
                 rankings[f"{name}+histpool"] = index.search(pooled, kmax, exclude)[1]
             timings[f"rank/{kind}/{name}_s"] = round(time.perf_counter() - t, 2)
+        keys[prefix] = [q["key"] for q in queries]
         for name, ranked in rankings.items():
-            metrics.setdefault(name, {}).update(ranking_metrics(ranked, relevant, ks, prefix))
+            per_query.setdefault(prefix, {})[name] = values = per_query_metrics(ranked, relevant, ks)
+            metrics.setdefault(name, {}).update(average(values, prefix))
         if kind == "search" and e.rerank_judged:
             texts = _query_texts(queries, text_of, cfg.model.user_history_items)
             reranked = _rerank_all(items, queries, texts, q_embs, item_emb, e.systems)
+            rprefix = f"{e.split}/search_rerank"
+            keys[rprefix] = keys[prefix]
             for name, ranked in reranked.items():
-                metrics.setdefault(name, {}).update(ranking_metrics(ranked, relevant, ks, f"{e.split}/search_rerank"))
+                per_query.setdefault(rprefix, {})[name] = values = per_query_metrics(ranked, relevant, ks)
+                metrics.setdefault(name, {}).update(average(values, rprefix))
 
-    best = "fine_tuned" if "fine_tuned" in item_emb else next(iter(item_emb), None)
-    if best:
-        build_index(item_emb[best], items.column("item_id").to_pylist(), e.index, e.exact_max_items).save(paths.index_dir(cfg), cfg.storage)
-
+    # No serving index here: that is build_catalog_index's (jobs.index), from the export only.
     names = sorted({n for m in metrics.values() for n in m if not n.endswith("/queries")})
     table = markdown_table(metrics, names)
     note = f"split={e.split}; full ranking over {items.num_rows} items; history items {'excluded' if e.exclude_history else 'NOT excluded'} from rankings"
     markdown = f"## Evaluation ({note})\n\n{table}\n"
-    report = {"metrics": metrics, "settings": {"note": note, **to_dict(cfg)["eval"]}, "timings": timings, "index": paths.index_dir(cfg) if best else None, "index_of": best}
+    t = time.perf_counter()
+    comparisons = compare_systems(per_query, headline_metrics(ks)[:2])  # NDCG and recall at 10
+    timings["significance_s"] = round(time.perf_counter() - t, 2)
+    tasks = sorted(per_query, key=lambda p: TASK_ORDER.index(p.split("/", 1)[1]))
     out = paths.eval_dir(cfg)
-    storage.write_json(storage.join(out, "report.json"), report, cfg.storage)
-    storage.write_bytes(storage.join(out, "report.md"), markdown.encode(), cfg.storage)
+    summary = summary_table(metrics, tasks, ks, comparisons)
+    sig_table = significance.markdown_table(comparisons, ["task", "metric", "system", "baseline"]) if comparisons else "(no pairs to compare)"
+    report_md = (f"## Evaluation ({note})\n\n### Summary\n\n{summary}\n\n### Paired significance over queries "
+                 f"(bootstrap 10,000 resamples, seed 0; t-test)\n\n{sig_table}\n\n### All metrics\n\n{table}\n")
+    summary += (f"\n\nAll metrics and significance: {storage.join(out, 'report.md')}; Recall@K curves: "
+                f"{storage.join(out, 'report.png')}; per-query values: {storage.join(out, PER_QUERY_FILE)}")
+    settings = {"note": note, **to_dict(cfg)["eval"]}
+    settings["checkpoint"] = paths.relative(cfg, settings["checkpoint"])
+    report = {"metrics": metrics, "significance": comparisons, "settings": settings, "timings": timings,
+              "per_query": PER_QUERY_FILE, "paths": "relative to storage.root"}
+    storage.write_json(storage.join(out, "report.json"), _relative_paths(report, cfg), cfg.storage)
+    storage.write_bytes(storage.join(out, "report.md"), report_md.encode(), cfg.storage)
+    if per_query:
+        storage.write_parquet(per_query_table(per_query, keys), storage.join(out, PER_QUERY_FILE), cfg.storage)
     curves = {}
     for s, m in metrics.items():
         for kind in ("next_item", "search"):
@@ -312,5 +552,6 @@ def run(cfg: Config) -> dict[str, Any]:
                 curves[f"{s} ({kind})"] = pts
     storage.write_bytes(storage.join(out, "report.png"), _plot(curves, f"Recall@K, {e.split} split"), cfg.storage)
     log.info("evaluation written to %s in %.1fs", out, time.perf_counter() - t0)
-    return {"metrics": metrics, "markdown": markdown, "report_dir": out, "wall_s": round(time.perf_counter() - t0, 1)}
+    return {"metrics": metrics, "markdown": markdown, "summary": summary, "significance": comparisons,
+            "report_dir": out, "wall_s": round(time.perf_counter() - t0, 1)}
 

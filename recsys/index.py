@@ -12,15 +12,36 @@ import numpy as np
 from recsys import storage
 from recsys.config import StorageConfig
 
+INDEX_META = "index.json"
+
+
+class IndexModelMismatch(ValueError):
+    """Catalog embeddings (an index) made by one model, about to be served with another."""
+
+
+def check_model(index_model_id: str, model_id: str, where: str) -> None:
+    """Refuse an index whose embeddings another model made (or that records no model at all):
+    its scores against this model's query vectors would be meaningless, yet look fine."""
+    if index_model_id != model_id:
+        made_by = f"model {index_model_id}" if index_model_id else "a model it does not record (saved before indexes recorded one)"
+        raise IndexModelMismatch(
+            f"the index at {where} was built by {made_by}, but the model being served is {model_id}: "
+            "rebuild the index with this model (python -m jobs.index)"
+        )
+
 
 class Index:
-    """Inner-product top-K over L2-normalised item embeddings (= cosine)."""
+    """Inner-product top-K over L2-normalised item embeddings (= cosine).
 
-    def __init__(self, emb: np.ndarray, ids: Sequence[str], kind: str = "auto", exact_max_items: int = 200_000) -> None:
+    `model_id` names the model whose embeddings these are (recsys.encoder.model_identity); it is
+    saved with the index and checked when the index is loaded for serving."""
+
+    def __init__(self, emb: np.ndarray, ids: Sequence[str], kind: str = "auto", exact_max_items: int = 200_000, model_id: str = "") -> None:
         if emb.ndim != 2 or emb.shape[0] != len(ids):
             raise ValueError(f"embeddings {emb.shape} do not match {len(ids)} ids")
         self.emb = np.ascontiguousarray(emb, dtype=np.float32)  # (n_items, dim)
         self.ids = list(ids)
+        self.model_id = model_id
         self.kind = ("exact" if len(ids) <= exact_max_items else "faiss") if kind == "auto" else kind
         if self.kind not in ("exact", "faiss"):
             raise ValueError(f"index kind must be auto, exact or faiss, got {kind!r}")
@@ -64,23 +85,29 @@ class Index:
         return out_scores, out_ids
 
     def save(self, uri: str, cfg: StorageConfig | None = None) -> None:
+        """Replace whatever is at `uri` (an earlier index's files do not survive)."""
         with tempfile.TemporaryDirectory() as tmp:
             np.save(Path(tmp) / "embeddings.npy", self.emb)
-            (Path(tmp) / "index.json").write_text(json.dumps({"kind": self.kind, "ids": self.ids}))
-            if storage.is_remote(uri):
-                storage.upload_dir(tmp, uri, cfg)
-            else:
-                import shutil
-
-                shutil.rmtree(uri, ignore_errors=True)
-                shutil.copytree(tmp, uri)
+            (Path(tmp) / INDEX_META).write_text(json.dumps({"kind": self.kind, "model_id": self.model_id, "ids": self.ids}))
+            storage.replace_dir(tmp, uri, cfg, marker=INDEX_META)
 
 
-def build_index(emb: np.ndarray, ids: Sequence[str], kind: str = "auto", exact_max_items: int = 200_000) -> Index:
-    return Index(emb, ids, kind, exact_max_items)
+def build_index(emb: np.ndarray, ids: Sequence[str], kind: str = "auto", exact_max_items: int = 200_000, model_id: str = "") -> Index:
+    return Index(emb, ids, kind, exact_max_items, model_id)
 
 
-def load_index(uri: str, cfg: StorageConfig | None = None) -> Index:
+def index_model_id(uri: str, cfg: StorageConfig | None = None) -> str:
+    """The model a saved index was built by ("" if it records none), from its small metadata."""
+    return str(storage.read_json(storage.join(uri, INDEX_META), cfg).get("model_id") or "")
+
+
+def load_index(uri: str, cfg: StorageConfig | None = None, model_id: str | None = None) -> Index:
+    """Load a saved index; with `model_id`, refuse one built by any other model (IndexModelMismatch)."""
+    if model_id is not None:  # before downloading the embeddings
+        check_model(index_model_id(uri, cfg), model_id, uri)
     local = storage.download_dir(uri, tempfile.mkdtemp(prefix="recsys-index-"), cfg)
-    meta = json.loads((Path(local) / "index.json").read_text())
-    return Index(np.load(Path(local) / "embeddings.npy"), meta["ids"], meta["kind"])
+    meta = json.loads((Path(local) / INDEX_META).read_text())
+    index = Index(np.load(Path(local) / "embeddings.npy"), meta["ids"], meta["kind"], model_id=str(meta.get("model_id") or ""))
+    if model_id is not None:
+        check_model(index.model_id, model_id, uri)  # the index may have been replaced meanwhile
+    return index

@@ -1,11 +1,17 @@
 """In-batch sampled softmax for two towers: a pure function of embeddings.
 
-Gradient convention (what the 2-worker vs 1-worker test checks): each rank's loss is the
-(weighted) mean over its LOCAL rows, while its candidates are the items of the GLOBAL batch,
-gathered with an autograd-aware all_gather. The all_gather backward sums every rank's gradient
-into the local item embeddings, and DeepSpeed/DDP then average parameter gradients over ranks,
-so with equal local batch sizes (and unweighted or equally weighted rows) the update equals
-that of one worker computing the mean loss over the whole global batch.
+Gradient convention (what the 2-worker vs 1-worker test checks): each rank's candidates are the
+items of the GLOBAL batch, gathered with an autograd-aware all_gather, and its loss is its share
+of the global (weighted) mean: sum over LOCAL rows of w * loss, divided by the GLOBAL weight sum
+and multiplied by the world size. The all_gather backward sums every rank's gradient into the
+local item embeddings, and DeepSpeed/DDP then average parameter gradients over ranks, so the
+update equals that of one worker computing the weighted mean loss over the whole global batch,
+whatever the weights on each rank (a local normaliser would weight a rank of light rows as much
+as a rank of purchases).
+
+Logits, the logQ shift and the softmax are computed in fp32 whatever the towers' dtype: in bf16
+a logit near 30 (cosine / 0.05 - log Q) has a resolution of 0.125, coarser than the differences
+the loss has to learn from.
 """
 
 from __future__ import annotations
@@ -52,15 +58,24 @@ def sampled_softmax_loss(
     item_keys: torch.Tensor | None = None,  # (batch,) int64 key of each positive item
     dup_keys: torch.Tensor | None = None,  # (batch,) int64 duplicate group of each positive
     history_keys: torch.Tensor | None = None,  # (batch, H) int64 item keys in the row's history, -1 pad
+    group_keys: torch.Tensor | None = None,  # (batch,) int64 user (next-item) / query (search) of each row
     logq: torch.Tensor | None = None,  # (batch,) log sampling probability of each positive item
     hard_negatives: torch.Tensor | None = None,  # (batch, n, dim) extra negatives per row
     hard_logq: torch.Tensor | None = None,  # (batch, n) log Q of each hard negative; needed with logq
     gather: bool = True,
 ) -> torch.Tensor:
-    """Softmax over the global batch's items; accidental hits masked; logQ-corrected."""
+    """Softmax over the global batch's items; accidental hits masked; logQ-corrected.
+
+    Accidental hits never count as negatives of a row: its own item (wherever it sits in the
+    batch), items of its duplicate group, its history, and the positives of other rows of the
+    same group (`group_keys`: the same user's other next items, the same query's other relevant
+    products)."""
     rank, world = _world()
     b = q.shape[0]
-    if gather and world > 1:
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.float()  # a learnt one lives in the engine's dtype (bf16)
+    distributed = gather and world > 1
+    if distributed:
         d_all = _gather_with_grad(d)  # (world * batch, dim)
         gather_keys = _gather_no_grad
         offset = rank * b
@@ -68,11 +83,11 @@ def sampled_softmax_loss(
         d_all = d
         gather_keys = lambda t: t  # noqa: E731
         offset = 0
-    logits = q @ d_all.T / temperature  # (batch, N)
+    logits = q.float() @ d_all.float().T / temperature  # (batch, N), fp32
     if logq is not None:
         # Popular items are sampled as negatives more often; subtracting log Q(item) removes
         # that bias from the sampled softmax (Yi et al., 2019).
-        logits = logits - gather_keys(logq.to(logits.dtype))[None, :]
+        logits = logits - gather_keys(logq.float())[None, :]
     labels = torch.arange(b, device=q.device) + offset  # (batch,)
     mask = torch.zeros_like(logits, dtype=torch.bool)  # (batch, N) True = not a negative
     if item_keys is not None:
@@ -84,22 +99,29 @@ def sampled_softmax_loss(
     if dup_keys is not None:
         dups_all = gather_keys(dup_keys)
         mask |= dup_keys[:, None] == dups_all[None, :]
+    if group_keys is not None:
+        groups_all = gather_keys(group_keys)
+        mask |= group_keys[:, None] == groups_all[None, :]
     mask[torch.arange(b, device=q.device), labels] = False
     logits = logits.masked_fill(mask, _MASK_VALUE)
     if hard_negatives is not None:
-        hn = torch.einsum("bd,bnd->bn", q, hard_negatives) / temperature  # (batch, n)
+        hn = torch.einsum("bd,bnd->bn", q.float(), hard_negatives.float()) / temperature  # (batch, n)
         if logq is not None:
             # Every other logit was shifted by -log Q (about +11 for a 50k-item catalog); an
             # uncorrected hard negative would sit e^11 below them and carry no gradient.
             if hard_logq is None:
                 raise ValueError("sampled_softmax_loss: hard_negatives with logq need hard_logq (batch, n)")
-            hn = hn - hard_logq.to(hn.dtype)
+            hn = hn - hard_logq.float()
         logits = torch.cat([logits, hn], dim=1)
-    per_row = F.cross_entropy(logits.float(), labels, reduction="none")  # (batch,)
-    if weights is None:
-        return per_row.mean()
-    w = weights.to(per_row.dtype)
-    return (per_row * w).sum() / w.sum().clamp(min=1e-12)
+    per_row = F.cross_entropy(logits, labels, reduction="none")  # (batch,)
+    w = torch.ones_like(per_row) if weights is None else weights.to(per_row.dtype)  # (batch,)
+    total = w.sum()
+    if distributed:
+        # The global weight sum (weights carry no gradient): each rank's share of the global mean.
+        total = total.detach().clone()
+        dist.all_reduce(total)
+        total = total / world
+    return (per_row * w).sum() / total.clamp(min=1e-12)
 
 
 class SampledSoftmaxLoss(nn.Module):
@@ -113,6 +135,7 @@ class SampledSoftmaxLoss(nn.Module):
         logq_correction: bool = True,
         mask_history: bool = True,
         mask_duplicates: bool = True,
+        mask_same_group: bool = True,
     ) -> None:
         super().__init__()
         log_t = torch.tensor(float(temperature)).log()
@@ -124,10 +147,11 @@ class SampledSoftmaxLoss(nn.Module):
         self.logq_correction = logq_correction
         self.mask_history = mask_history
         self.mask_duplicates = mask_duplicates
+        self.mask_same_group = mask_same_group
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=1e-3, max=1.0)
+        return self.log_temperature.float().exp().clamp(min=1e-3, max=1.0)
 
     def forward(
         self,
@@ -140,6 +164,7 @@ class SampledSoftmaxLoss(nn.Module):
         logq: torch.Tensor | None = None,
         hard_negatives: torch.Tensor | None = None,
         hard_logq: torch.Tensor | None = None,
+        group_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return sampled_softmax_loss(
             q,
@@ -149,6 +174,7 @@ class SampledSoftmaxLoss(nn.Module):
             item_keys=item_keys,
             dup_keys=dup_keys if self.mask_duplicates else None,
             history_keys=history_keys if self.mask_history else None,
+            group_keys=group_keys if self.mask_same_group else None,
             logq=logq if self.logq_correction else None,
             hard_negatives=hard_negatives,
             hard_logq=hard_logq,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +17,16 @@ import torch
 import yaml
 from torch import nn
 
-from recsys.config import ModelConfig
-from recsys.encoder import RECSYS_META, pool, resolve_model_path
+from recsys import storage
+from recsys.config import ModelConfig, StorageConfig
+from recsys.encoder import RECSYS_META, load_hf_encoder, model_identity, pool, resolve_model_path
 
 log = logging.getLogger(__name__)
 
 
 def _load_encoder(path: str, dtype: torch.dtype | None) -> nn.Module:
-    from transformers import AutoModel
-
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    try:
-        # An unused pooler leaves parameters without gradients, which breaks DDP/ZeRO reduction.
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:
-        return AutoModel.from_pretrained(path, **kwargs)
+    # An unused pooler leaves parameters without gradients, which breaks DDP/ZeRO reduction.
+    return load_hf_encoder(path, dtype, keep_pooler=False)
 
 
 def load_tokenizer(mcfg: ModelConfig) -> Any:
@@ -132,22 +128,33 @@ def _write_sentence_transformers(encoder: nn.Module, tokenizer: Any, out: Path, 
     )
 
 
-def export_model(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write the consolidated model: a sentence-transformers folder (HF weights inside) per tower.
+def export_model(
+    model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out_dir: str | Path,
+    storage_cfg: StorageConfig | None = None,
+) -> str:
+    """Write the consolidated model to `out_dir` (local path or object-store URI), replacing
+    whatever an earlier export left there: a sentence-transformers folder (HF weights inside) per
+    tower, and RECSYS_META with the settings and the model's identity `model_id`.
 
-    Call on one process with full (gathered, fp32) parameters.
+    Call on one process with full (gathered, fp32) parameters. Returns `out_dir` as a string.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="recsys-export-") as tmp:
+        model_id = _write_export(model, tokenizer, mcfg, cfg_dict, Path(tmp))
+        storage.replace_dir(tmp, str(out_dir), storage_cfg, marker=RECSYS_META)
+    log.info("exported model %s to %s", model_id, out_dir)
+    return str(out_dir)
+
+
+def _write_export(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out: Path) -> str:
     if mcfg.separate_towers and model.item_encoder is not None:
         _write_sentence_transformers(model.query_encoder, tokenizer, out / "query", mcfg, model.projection, mcfg.max_query_tokens)
         _write_sentence_transformers(model.item_encoder, tokenizer, out / "item", mcfg, model.projection, mcfg.max_item_tokens)
     else:
         # One folder serves both sides; item length is the common default for ST users.
         _write_sentence_transformers(model.query_encoder, tokenizer, out, mcfg, model.projection, mcfg.max_item_tokens)
-    if model.projection is not None:
-        torch.save(model.projection.weight.detach().float().cpu(), out / "projection.pt")
-    meta = {
+    # The projection lives once per tower, in the sentence-transformers Dense module
+    # (2_Dense/model.safetensors), which TextEncoder reads when projection_dim > 0.
+    meta: dict[str, Any] = {
         "pooling": mcfg.pooling,
         "normalize": mcfg.normalize,
         "max_query_tokens": mcfg.max_query_tokens,
@@ -159,7 +166,9 @@ def export_model(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: d
         "projection_dim": mcfg.projection_dim,
         "base_model": mcfg.name_or_path,
     }
+    # Over the weights just written and the settings, not the training config: re-exporting the
+    # same weights gives the same id, any change to them a new one.
+    meta["model_id"] = model_identity(out, meta)
     (out / RECSYS_META).write_text(json.dumps(meta, indent=2))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
-    log.info("exported model to %s", out)
-    return out
+    return str(meta["model_id"])

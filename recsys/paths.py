@@ -13,12 +13,15 @@
     <root>/<run>/embeddings/part-*.parquet           catalog embeddings (item_id, embedding)
     <root>/<run>/index/                              retrieval index over the catalog embeddings
     <root>/<run>/eval/report.{json,md,png}           evaluation report
+    <root>/<run>/recommendations/*.parquet           batch top-k per user / request (jobs.recommend)
 """
 
 from __future__ import annotations
 
+import os
+
 from recsys.config import Config
-from recsys.storage import join
+from recsys.storage import is_remote, join
 
 
 def raw_events(cfg: Config) -> str:
@@ -75,3 +78,28 @@ def index_dir(cfg: Config) -> str:
 
 def eval_dir(cfg: Config) -> str:
     return join(run_dir(cfg), "eval")
+
+
+def recommendations(cfg: Config) -> str:
+    return cfg.recommend.output_uri or join(run_dir(cfg), "recommendations")
+
+
+def relative(cfg: Config, uri: str) -> str:
+    """`uri` relative to `storage.root` ("." for the root itself), for records that travel
+    between machines (reports are committed): no absolute local path of this machine in them.
+
+    A remote URI outside the root is kept as it is (it names the same object everywhere); a
+    local path outside a local root becomes relative to the root ("../elsewhere"), and outside
+    a remote root relative to the current directory. Empty stays empty.
+    """
+    if not uri:
+        return uri
+    root = cfg.storage.root.rstrip("/")
+    target = uri.rstrip("/")
+    if target == root:
+        return "."
+    if target.startswith(root + "/"):
+        return target[len(root) + 1 :]
+    if is_remote(uri):
+        return uri
+    return os.path.relpath(target, root if not is_remote(root) else os.getcwd())

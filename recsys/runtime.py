@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from recsys.storage import S3_COMPAT_ENV
+from recsys.storage import S3_COMPAT_ENV, free_port
+
+if TYPE_CHECKING:
+    from recsys.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +19,6 @@ log = logging.getLogger(__name__)
 RAY_ENV_DEFAULTS = {
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     **S3_COMPAT_ENV,
 }
 
@@ -27,18 +30,43 @@ _PASS_THROUGH = (
     "RECSYS_CACHE",
 )
 
+# model.name_or_path values that never need the Hugging Face Hub (recsys.encoder.resolve_model_path).
+LOCAL_MODELS = ("bundled", "tiny-random")
 
-def worker_env() -> dict[str, str]:
+
+def hub_offline(cfg: Config | None = None) -> str | None:
+    """The HF_HUB_OFFLINE this run's processes get, or None to leave it unset.
+
+    A user's own HF_HUB_OFFLINE always wins. Otherwise the hub is switched off only when the
+    run's model needs nothing from it (`bundled`, `tiny-random`, an existing local path): no
+    hub round-trips then on machines without internet. A hub id (`BAAI/bge-base-en-v1.5`) must
+    stay reachable, or served from HF_HOME's cache, which the hub library finds by itself; and
+    without a config (callers that have none) nothing is forced either."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        return os.environ["HF_HUB_OFFLINE"]
+    if cfg is None:
+        return None
+    name = cfg.model.name_or_path
+    return "1" if name in LOCAL_MODELS or Path(name).expanduser().exists() else None
+
+
+def worker_env(cfg: Config | None = None) -> dict[str, str]:
+    """Environment every Ray worker of this run gets (runtime_env env_vars)."""
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV_DEFAULTS.items()}
     env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
+    offline = hub_offline(cfg)
+    if offline is not None:
+        env["HF_HUB_OFFLINE"] = offline
     return env
 
 
-def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
+def ensure_ray(num_cpus: int | None = None, cfg: Config | None = None, **kwargs: Any) -> None:
     """Connect to Ray once per process.
 
     Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise a private local cluster
     is started (address="local"), so a laptop never joins some other cluster by accident.
+    `cfg` (the run's config) decides whether workers run with the Hugging Face Hub switched off
+    (`hub_offline`); the first call in a process fixes the workers' environment.
     """
     import ray
 
@@ -46,16 +74,28 @@ def ensure_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
+    env = worker_env(cfg)
+    if "HF_HUB_OFFLINE" in env:
+        # The driver loads models too, and a local cluster's processes inherit its environment.
+        os.environ.setdefault("HF_HUB_OFFLINE", env["HF_HUB_OFFLINE"])
     address = os.environ.get("RAY_ADDRESS") or "local"
     init_kwargs: dict[str, Any] = {
         "address": address,
-        "runtime_env": {"env_vars": worker_env()},
+        "runtime_env": {"env_vars": env},
         "log_to_driver": True,
     }
     if address == "local":
         # More logical CPUs than train workers take, or Ray Data's read tasks starve (see docs).
         init_kwargs["num_cpus"] = num_cpus or max(4, (os.cpu_count() or 2) * 2)
-        init_kwargs["include_dashboard"] = False
+        if kwargs.get("include_dashboard", True):
+            # Ray Train's PlacementGroupCleaner polls the controller through the State API, which
+            # only the dashboard serves: without it, it logs "Failed to query Ray Train Controller
+            # actor state" every second of training. On its own loopback port, named to the
+            # workers, so the poll reaches this cluster even when other Ray instances run here
+            # (otherwise it asks whichever it finds first, or fails on "multiple instances").
+            port = free_port()
+            init_kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     init_kwargs.update(kwargs)
-    log.info("ray.init(address=%s)", address)
+    log.info("ray.init(address=%s, HF_HUB_OFFLINE=%s)", address, env.get("HF_HUB_OFFLINE", "unset"))
     ray.init(**init_kwargs)

@@ -22,7 +22,9 @@ Quarantine (rows that failed validation; nothing is dropped silently)
     source       string   file or dataset the row came from
     reason       string   one of QUARANTINE_REASONS
     detail       string   human-readable specifics (which field, which value)
-    raw          string   the original row as JSON
+    raw          string   the original row as JSON: an object of its fields, or, for a line the
+                          reader could not split into fields (unparsable JSON, a CSV row with
+                          the wrong number of fields), the line itself as a JSON string
 
 Items (the prepared catalog used by training, evaluation and serving)
     item_id, title, brand, category, price (as in the catalog)
@@ -92,6 +94,8 @@ QUARANTINE_REASONS: tuple[str, ...] = (
     "bad_encoding",
     "wrong_type",
     "duplicate_item_id",
+    # The last line of a JSONL file has no newline and does not parse: the export was cut off.
+    "truncated_line",
 )
 
 ITEMS_SCHEMA = pa.schema(

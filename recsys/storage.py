@@ -177,6 +177,48 @@ def upload_dir(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None
                 out.write(p.read_bytes())
 
 
+def clear_dir(uri: str, cfg: StorageConfig | None = None, marker: str = "") -> None:
+    """Delete every file under a directory URI (nothing to do when it is absent).
+
+    `marker` names a file the directory must hold if it holds anything (recsys_model.json for an
+    export, index.json for an index): a destination that is not a previous artefact of ours
+    (a mistyped path, a parent folder) is refused rather than emptied.
+    """
+    fs, path = filesystem(uri, cfg)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not Path(path).exists():
+            return
+        files = [p for p in Path(path).rglob("*") if p.is_file()]
+        if files and marker and not (Path(path) / marker).exists():
+            raise FileExistsError(f"refusing to replace {uri}: it holds {len(files)} files but no {marker}, so it is not one of our artefacts")
+        shutil.rmtree(path)
+        return
+    # Through fsspec (s3fs): pyarrow's delete_file re-creates the emptied parent as a
+    # directory-marker object (which rclone's S3 server refuses), and its delete_dir_contents
+    # tries to delete such markers.
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    keys = [i.path for i in infos if i.type == pafs.FileType.File]
+    if keys and marker and f"{path}/{marker}" not in keys:
+        raise FileExistsError(f"refusing to replace {uri}: it holds {len(keys)} files but no {marker}, so it is not one of our artefacts")
+    if keys:
+        ffs = fsspec_filesystem(uri, cfg)
+        for key in keys:  # one by one: fsspec's rm(list) would read "[...]" in a key as a glob
+            ffs.rm_file(key)
+        ffs.invalidate_cache()
+
+
+def replace_dir(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None, marker: str = "") -> None:
+    """Make the directory at `uri` (local path or URI) hold exactly `local_dir`'s files: files of
+    an earlier artefact at the same place would otherwise survive beside the new ones (a
+    retrained model's stale projection, an index's old parts). Not atomic: a reader that lists
+    the directory mid-replace sees it partly written. `marker`: see `clear_dir`."""
+    clear_dir(uri, cfg, marker)
+    if is_remote(uri):
+        upload_dir(local_dir, uri, cfg)
+    else:
+        shutil.copytree(local_dir, filesystem(uri, cfg)[1], dirs_exist_ok=True)
+
+
 def download_dir(uri: str, local_dir: str | Path, cfg: StorageConfig | None = None) -> Path:
     """Copy a directory URI to a local directory (returns it); local URIs are returned as is."""
     if not is_remote(uri):

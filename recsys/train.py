@@ -13,6 +13,7 @@ the ZeRO-3 shards are gathered and one consolidated model is exported (HF + sent
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -65,28 +66,28 @@ class ItemTable:
         return ItemTable(pq.read_table(path, filesystem=fs), cfg.train.hard_negative_pool, cfg.train.seed)
 
     def _bm25_neighbours(self, rows: np.ndarray) -> None:
-        import bm25s
+        from recsys.bm25 import BM25Index
 
         if self._bm25 is None:
-            self._bm25 = bm25s.BM25()
-            self._bm25.index(bm25s.tokenize(self.texts, show_progress=False), show_progress=False)
+            self._bm25 = BM25Index.build(self.texts)
         todo = sorted({int(r) for r in rows} - self._neighbours.keys())
         if not todo:
             return
         # Room for the item itself, its duplicates and history hits on top of the pool.
         k = min(len(self.texts), self.hard_negative_pool + 16)
-        docs, _ = self._bm25.retrieve(
-            bm25s.tokenize([self.texts[r] for r in todo], show_progress=False), k=k, show_progress=False
-        )
+        docs = self._bm25.retrieve([self.texts[r] for r in todo], k)
         for r, found in zip(todo, docs, strict=True):
             self._neighbours[r] = np.asarray(found, dtype=np.int64)
 
-    def hard_negative_rows(self, pos: np.ndarray, history: list[np.ndarray], n: int) -> np.ndarray:
+    def hard_negative_rows(
+        self, pos: np.ndarray, history: list[np.ndarray], n: int, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """(batch, n) item rows: BM25 neighbours of each positive's text, never an accidental hit.
 
         The positive, its duplicate group and the row's history are excluded (they are what the
         in-batch mask hides too); n are drawn from the best `hard_negative_pool` that remain, so
         the same near-duplicate is not always the negative. Too few neighbours: random items."""
+        rng = rng or self._rng
         self._bm25_neighbours(pos)
         out = np.empty((len(pos), n), dtype=np.int64)
         for i, (p, hist) in enumerate(zip(pos, history, strict=True)):
@@ -101,8 +102,8 @@ class ItemTable:
                         f"train.hard_negatives={n}: item {p} of the catalog has only {len(ok) + len(rest)} "
                         "items that are neither it, its duplicates nor in the example's history"
                     )
-                ok += self._rng.choice(rest, size=n - len(ok), replace=False).tolist()
-            out[i] = self._rng.choice(ok, size=n, replace=False) if len(ok) > n else ok[:n]
+                ok += rng.choice(rest, size=n - len(ok), replace=False).tolist()
+            out[i] = rng.choice(ok, size=n, replace=False) if len(ok) > n else ok[:n]
         return out
 
     def rows(self, item_ids: list[str], where: str) -> np.ndarray:
@@ -112,6 +113,20 @@ class ItemTable:
         return np.array([self.index[i] for i in item_ids], dtype=np.int64)
 
 
+def _group_key(batch: dict[str, Any], i: int) -> int:
+    """The row's user (next-item) or normalised query (search). A row with neither gets a key of
+    its own item, which masks nothing beyond what the same-item mask already does."""
+    def col(name: str) -> Any:
+        return batch[name][i] if name in batch else None
+
+    kind, user, query = col("kind"), col("user_id"), col("query")
+    if kind == "search" and query:
+        return item_key("q:" + " ".join(str(query).lower().split()))
+    if kind == "next_item" and user:
+        return item_key(f"u:{user}")
+    return item_key(f"i:{col('item_id')}")
+
+
 def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, Any]:
     """Examples -> unpadded token ids and loss inputs (runs in the train worker or in Ray Data).
 
@@ -119,6 +134,9 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
     `to_tensors`, after Ray Data may have re-batched rows from different blocks."""
     m = cfg.model
     pos = items.rows(list(batch["item_id"]), "training example")
+    # Rows of one user (next-item) or one query (search) share a group: their positives are
+    # accidental hits for each other, never negatives.
+    groups = np.array([_group_key(batch, i) for i in range(len(pos))], dtype=np.int64)
     queries, hist_keys, hist_rows = [], [], []
     for query, history in zip(batch["query"], batch["history"], strict=True):
         hist = [h for h in (list(history) if history is not None else []) if h in items.index]
@@ -135,7 +153,9 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
     extra: dict[str, Any] = {}
     n_hard = cfg.train.hard_negatives
     if n_hard > 0:
-        hard = items.hard_negative_rows(pos, hist_rows, n_hard)  # (batch, n)
+        # Drawn from the batch's own content, so a resumed run mines what the uninterrupted one did.
+        rng = np.random.default_rng([cfg.train.seed, int(items.keys[pos].sum() & 0x7FFFFFFF)])
+        hard = items.hard_negative_rows(pos, hist_rows, n_hard, rng)  # (batch, n)
         h = item_tokens(hard.reshape(-1))
         extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
         extra["h_logq"] = items.logq[hard]  # (batch, n)
@@ -146,6 +166,7 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
         "item_keys": items.keys[pos],
         "dup_keys": items.dups[pos],
         "history_keys": hist_keys,
+        "group_keys": groups,
         "logq": items.logq[pos],
     }
 
@@ -176,6 +197,7 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
         "item_keys": torch.tensor(np.asarray(f["item_keys"], dtype=np.int64)),
         "dup_keys": torch.tensor(np.asarray(f["dup_keys"], dtype=np.int64)),
         "history_keys": _pad(f["history_keys"], -1),
+        "group_keys": torch.tensor(np.asarray(f["group_keys"], dtype=np.int64)),
         "logq": torch.tensor(np.asarray(f["logq"], dtype=np.float32)),
     }
     if "h_ids" in f:
@@ -216,6 +238,7 @@ class Featurize:
             "item_keys": pa.array(f["item_keys"]),
             "dup_keys": pa.array(f["dup_keys"]),
             "history_keys": pa.array([h.tolist() for h in f["history_keys"]], pa.list_(pa.int64())),
+            "group_keys": pa.array(f["group_keys"]),
             "logq": pa.array(f["logq"]),
         })
 
@@ -235,8 +258,24 @@ class TrainStep(nn.Module):
             hard = self.towers.encode_item(b["h_ids"], b["h_mask"]).view(q.shape[0], -1, d.shape[-1])  # (batch, n, dim)
         return self.loss(
             q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
-            history_keys=b["history_keys"], logq=b["logq"], hard_negatives=hard, hard_logq=b.get("h_logq"),
+            history_keys=b["history_keys"], group_keys=b.get("group_keys"), logq=b["logq"],
+            hard_negatives=hard, hard_logq=b.get("h_logq"),
         )
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only. Biases, LayerNorm/RMSNorm gains and the
+    learnt temperature (all 0- or 1-d) are not pulled towards zero: decaying a norm's gain or
+    the temperature changes what the model computes, not how complex it is."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # full shape, also under zero.Init partitioning
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -270,6 +309,18 @@ def _lr_lambda(warmup: int, total: int):  # noqa: ANN202
     return f
 
 
+def _all_ranks_digest(digest: bytes, device: Any) -> str:
+    """Hex digest over every rank's 8-byte digest (rank order), gathered from all ranks."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return hashlib.blake2b(mine.cpu().numpy().tobytes(), digest_size=8).hexdigest()
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return hashlib.blake2b(torch.cat(parts).cpu().numpy().tobytes(), digest_size=8).hexdigest()
+
+
 def _write_metrics(cfg: Config, rows: list[dict[str, Any]]) -> None:
     body = "".join(json.dumps(r) + "\n" for r in rows)
     storage.write_bytes(paths.metrics_file(cfg), body.encode(), cfg.storage)
@@ -297,16 +348,8 @@ def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, ra
             state = {k: v.detach().float().cpu().clone() for k, v in step_module.towers.state_dict().items()}
             fresh = build_two_tower(cfg.model, dtype=torch.float32)
             fresh.load_state_dict(state)
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / "export"
-                export_model(fresh, tokenizer, cfg.model, to_dict(cfg), local)
-                if storage.is_remote(out_uri):
-                    storage.upload_dir(local, out_uri, cfg.storage)
-                else:
-                    import shutil
-
-                    shutil.rmtree(out_uri, ignore_errors=True)
-                    shutil.copytree(local, out_uri)
+            # Replaces the previous run's export at this path (no stale files), with a new model_id.
+            export_model(fresh, tokenizer, cfg.model, to_dict(cfg), out_uri, cfg.storage)
     return out_uri
 
 
@@ -334,9 +377,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id or 0
     module = TrainStep(
         build_two_tower(cfg.model),
-        SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history, t.mask_duplicates),
+        SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history,
+                           t.mask_duplicates, t.mask_same_group),
     )
-    optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
     # Every engine start would otherwise JIT-build a shared-memory op used only for inference.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -365,11 +409,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_wait = 0.0
     t_last = time.perf_counter()
     examples_since = 0
+    seen = hashlib.blake2b(digest_size=8)
     epoch = 0
     summary: dict[str, Any] = {}
     while step < t.max_steps:
         got_batch = False
         t_fetch = time.perf_counter()
+        # The shard's order is deterministic (a seeded global shuffle, order-preserving split:
+        # see run), and so is this buffer's for a given seed and epoch: what resume relies on.
         for batch in shard.iter_batches(
             batch_size=t.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=max(4 * t.batch_size, 256), local_shuffle_seed=t.seed + epoch,
@@ -384,6 +431,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         log.info("resume: skipped %d consumed micro-batches in %.1fs", skipped, t_fetch - t_skip)
                 continue
             tensors = to_tensors(batch, pad_id) if pre_tokenized else collate(batch, items, tokenizer, cfg)
+            seen.update(tensors["item_keys"].numpy().tobytes())
+            seen.update(tensors["weights"].numpy().tobytes())
             b = {k: v.to(device) for k, v in tensors.items()}
             t_wait += time.perf_counter() - t_fetch
             loss = engine(b)
@@ -407,7 +456,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "epoch": epoch,
                     "start_step": start_step,  # > 0: this attempt resumed from a checkpoint
                     "skipped_batches": skipped,  # micro-batches per worker walked past on resume
+                    # Digest of every rank's examples since the last row: equal in a resumed and
+                    # an uninterrupted run when the data order is what resume assumes.
+                    "batch_hash": _all_ranks_digest(seen.digest(), device),
                 }
+                seen = hashlib.blake2b(digest_size=8)
                 losses, examples_since, t_wait, t_last = [], 0, 0.0, now
                 if rank == 0:
                     metrics_rows.append(row)
@@ -448,10 +501,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray.train.report({**summary, "export": export, "step": step})
 
 
+def _ingest_options() -> Any:
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune on the prepared examples; returns the final metrics and the export location."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
@@ -462,7 +521,7 @@ def run(cfg: Config) -> dict[str, Any]:
             f"train.hard_negatives={cfg.train.hard_negatives}, train.hard_negative_pool={cfg.train.hard_negative_pool}: "
             "need 0 <= hard_negatives <= hard_negative_pool"
         )
-    ensure_ray()
+    ensure_ray(cfg=cfg)
     kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
     files: list[str] = []
     for kind in kinds:
@@ -474,6 +533,12 @@ def run(cfg: Config) -> dict[str, Any]:
         )
     fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
     ds = ray.data.read_parquet([storage.filesystem(f, cfg.storage)[1] for f in files], filesystem=fs)
+    # Examples are written grouped by user (prepare's groupby), and a local shuffle buffer alone
+    # would leave one user's or one query's rows side by side in a batch. A seeded global
+    # shuffle spreads them, the same permutation in every epoch and attempt (the worker's
+    # buffer, seeded by epoch, varies the order between epochs).
+    if cfg.train.shuffle == "global":
+        ds = ds.random_shuffle(seed=cfg.train.seed)
     if cfg.train.tokenize_in == "pipeline":
         # Tokenise in a Ray Data actor pool, streaming ahead of the workers (CPU work off the
         # training processes: on GPU nodes it overlaps with the GPU's step).
@@ -499,6 +564,9 @@ def run(cfg: Config) -> dict[str, Any]:
             },
         ),
         datasets={"train": ds},
+        # Order-preserving execution makes the split deterministic (no locality-driven block
+        # assignment), so a resumed attempt sees the same stream and can skip what was consumed.
+        dataset_config=DataConfig(execution_options=_ingest_options()),
         run_config=RunConfig(
             name=cfg.train.run_name,
             storage_path=storage_path,

@@ -33,6 +33,8 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from recsys.config import ServeArgs
+
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
@@ -43,33 +45,15 @@ RETRY_AFTER_S = "1"
 SWAP_WAIT_S = 30.0
 
 
-class AppArgs(BaseModel):
-    # Empty only in `app_config`'s declarative form, where the model deployments' user_config
-    # carries them instead (so that a checkpoint swap is an in-place reconfigure).
-    model_uri: str = Field("", description="exported model dir (local path or s3://)")
-    items_uri: str = Field("", description="items parquet dir in ITEMS_SCHEMA (local path or s3://)")
-    # The catalog index saved by jobs.index / jobs.evaluate; empty = embed the catalog at start-up.
-    index_uri: str = ""
-    # Bearer token for the whole API; empty = no auth (local mode). In clusters name an
-    # environment variable instead (filled from a Kubernetes Secret), so no token sits in a YAML.
-    auth_token: str = ""
-    auth_token_env: str = ""
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+class AppArgs(ServeArgs):
+    """The app's typed arguments: the config's serve-section fields (recsys.config.ServeArgs:
+    URIs, auth, batching, replicas and their resources; unknown keys rejected) plus what only
+    the app takes."""
+
     batching: bool = True
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=-1)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
     max_history: int = Field(50, ge=1)
     # Name of the detached actor holding live profiles; apps sharing it share users' profiles.
     profile_store: str = Field("recsys-profiles", min_length=1, max_length=200)
-    # Logical CPUs reserved per model replica (Encoder, Retriever); GPUs for the Encoder.
-    replica_cpus: float = Field(0.5, gt=0)
-    encoder_gpus: float = Field(0.0, ge=0)
-    # Custom Ray resources per Encoder replica, e.g. {"serve": 1} to keep encoders on the
-    # serving node pool (cluster/aws-gpu.yaml, cluster/kuberay/rayservice.yaml).
-    encoder_resources: dict[str, float] = Field(default_factory=dict)
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
@@ -98,8 +82,26 @@ SWAPPABLE = ("model_uri", "items_uri", "index_uri")
 
 
 class ModelMismatch(RuntimeError):
-    """A query vector from one model met catalog embeddings from another: only while a swap is
-    under way (the Encoder and the Retriever switch separately). The ingress retries."""
+    """A query vector from one model met catalog embeddings from another: while a swap is under
+    way (the Encoder and the Retriever switch separately), the ingress retries. Models are told
+    apart by identity (a hash of the weights, recsys.encoder.model_identity), never by path: a
+    retrained model exported to the same path is another model."""
+
+
+def _model_id_at(a: "AppArgs", uri: str, expected: str) -> str:
+    """The identity of the model now at `uri` (an export's small recsys_model.json is read);
+    refuses one other than `expected` (the user_config's model_id, when set): a replica starting
+    or restarting after the export at that path was replaced must not serve it beside
+    deployments still holding the deployed one."""
+    from recsys.encoder import model_id_at
+
+    found = model_id_at(uri, _storage_cfg(a))
+    if expected and found != expected:
+        raise ValueError(
+            f"the model at {uri} is {found}, but this deployment was deployed with model {expected}: "
+            "it was re-exported since; deploy again (python -m jobs.deploy / serve.app.swap) to serve it"
+        )
+    return found
 
 
 @serve.deployment
@@ -109,6 +111,7 @@ class Encoder:
         self.batching = self.args.batching
         self.encoder: Any = None
         self.model_uri = ""
+        self.model_id = ""
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         from recsys.encoder import TextEncoder
@@ -120,24 +123,31 @@ class Encoder:
         if "batching" in user_config:
             self.batching = bool(user_config["batching"])
         uri = user_config.get("model_uri") or ""
-        if uri and uri != self.model_uri:
+        if not uri:
+            return
+        # The identity at the URI, not the URI, decides: the same path may hold new weights.
+        model_id = await asyncio.to_thread(_model_id_at, self.args, uri, user_config.get("model_id") or "")
+        if (uri, model_id) != (self.model_uri, self.model_id):
             t = time.perf_counter()
             # Loaded off the event loop: requests keep being served by the current model meanwhile.
             encoder = await asyncio.to_thread(lambda: TextEncoder(_local_model(self.args, uri)))
-            self.encoder, self.model_uri = encoder, uri
-            log.info("encoder now serves %s (loaded in %.1fs)", uri, time.perf_counter() - t)
+            if encoder.model_id != model_id:
+                raise ValueError(f"the model at {uri} changed while loading ({model_id} -> {encoder.model_id}): deploy again")
+            self.encoder, self.model_uri, self.model_id = encoder, uri, encoder.model_id
+            log.info("encoder now serves model %s from %s (loaded in %.1fs)", model_id, uri, time.perf_counter() - t)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode_batched(self, texts: list[str]) -> list[tuple[np.ndarray, str]]:
-        encoder, uri = self.encoder, self.model_uri  # one model for the whole batch, even mid-swap
-        return [(v, uri) for v in encoder.encode_queries(texts, batch_size=len(texts))]
+        encoder = self.encoder  # one model for the whole batch, even mid-swap
+        return [(v, encoder.model_id) for v in encoder.encode_queries(texts, batch_size=len(texts))]
 
     async def encode_query(self, text: str) -> tuple[np.ndarray, str]:
-        """The query vector and the model that made it (the Retriever checks they match)."""
+        """The query vector and the identity of the model that made it (the Retriever checks it
+        against its catalog's)."""
         if self.batching:
             return await self.encode_batched(text)
-        encoder, uri = self.encoder, self.model_uri
-        return encoder.encode_queries([text])[0], uri
+        encoder = self.encoder
+        return encoder.encode_queries([text])[0], encoder.model_id
 
     async def encode_user(self, history_texts: list[str]) -> tuple[np.ndarray, str]:
         """A user from their history item texts (newest first), rendered as this model expects."""
@@ -146,7 +156,7 @@ class Encoder:
         return await self.encode_query(render_user_text(None, history_texts, self.encoder.user_history_items))
 
     def info(self) -> dict[str, Any]:
-        return {"model_uri": self.model_uri, "user_history_items": self.encoder.user_history_items, "dim": self.encoder.dim}
+        return {"model_uri": self.model_uri, "model_id": self.model_id, "user_history_items": self.encoder.user_history_items, "dim": self.encoder.dim}
 
 
 @dataclasses.dataclass
@@ -154,22 +164,23 @@ class Catalog:
     """Everything the Retriever serves from, swapped as one object."""
 
     model_uri: str
+    model_id: str  # the identity of the model that made `emb`
     ids: list[str]
     index: dict[str, int]
     meta: list[dict[str, Any]]
     texts: list[str]
-    category: np.ndarray
-    brand: np.ndarray
-    price: np.ndarray
-    emb: np.ndarray  # (n_items, dim), L2-normalised, from model_uri
+    fields: Any  # recsys.retrieval.FilterFields: what the filters read
+    emb: np.ndarray  # (n_items, dim), L2-normalised, from model_id
 
 
-def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str) -> Catalog:
-    """Items and their embeddings: from the saved index when given, else embedded here."""
+def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, model_id: str = "") -> Catalog:
+    """Items and their embeddings: from the saved index when given (refused unless the model at
+    `model_uri`, of identity `model_id`, made it), else embedded here."""
     import pyarrow.parquet as pq
 
     from recsys import storage
     from recsys.encoder import TextEncoder
+    from recsys.retrieval import FilterFields, align_embeddings
 
     fs, path = storage.filesystem(items_uri, _storage_cfg(a))
     table = pq.read_table(path, filesystem=fs)
@@ -180,28 +191,25 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str) -> 
     if index_uri:
         from recsys.index import load_index
 
-        idx = load_index(index_uri, _storage_cfg(a))
-        pos = {i: n for n, i in enumerate(idx.ids)}
-        missing = [i for i in ids if i not in pos]
-        if missing:
-            raise ValueError(
-                f"index at {index_uri} lacks {len(missing)} of the catalog's items (e.g. {missing[:5]}): "
-                "rebuild it with `python -m jobs.index` for this catalog"
-            )
-        emb = idx.emb[[pos[i] for i in ids]]
+        model_id = model_id or _model_id_at(a, model_uri, "")
+        idx = load_index(index_uri, _storage_cfg(a), model_id=model_id)
+        emb = align_embeddings(idx.ids, idx.emb, ids, index_uri)
         log.info("loaded the index for %d items in %.1fs", len(ids), time.perf_counter() - t)
     else:
-        emb = TextEncoder(_local_model(a, model_uri)).encode_items(texts)
-        log.info("embedded %d items in %.1fs", len(ids), time.perf_counter() - t)
+        encoder = TextEncoder(_local_model(a, model_uri))
+        if model_id and encoder.model_id != model_id:
+            raise ValueError(f"the model at {model_uri} changed while loading ({model_id} -> {encoder.model_id}): deploy again")
+        model_id = encoder.model_id
+        emb = encoder.encode_items(texts)
+        log.info("embedded %d items with model %s in %.1fs", len(ids), model_id, time.perf_counter() - t)
     return Catalog(
         model_uri=model_uri,
+        model_id=model_id,
         ids=ids,
         index={i: n for n, i in enumerate(ids)},
         meta=meta,
         texts=texts,
-        category=np.array([(m.get("category") or "") for m in meta], dtype=object),
-        brand=np.array([(m.get("brand") or "").lower() for m in meta], dtype=object),
-        price=np.array([np.nan if m.get("price") is None else m["price"] for m in meta], dtype=np.float64),
+        fields=FilterFields.from_rows(meta),
         emb=emb,
     )
 
@@ -215,8 +223,10 @@ class Retriever:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         source = (user_config.get("model_uri") or "", user_config.get("items_uri") or "", user_config.get("index_uri") or "")
-        if source != self.source:
-            catalog = await asyncio.to_thread(load_catalog, self.args, *source)
+        # The identity at the model URI, not the URI, decides (the same path may hold new weights).
+        model_id = await asyncio.to_thread(_model_id_at, self.args, source[0], user_config.get("model_id") or "") if source[0] else ""
+        if self.catalog is None or source != self.source or model_id != self.catalog.model_id:
+            catalog = await asyncio.to_thread(load_catalog, self.args, *source, model_id)
             self.catalog, self.source = catalog, source
 
     def unknown(self, item_ids: list[str]) -> list[str]:
@@ -228,40 +238,25 @@ class Retriever:
         return [c.texts[c.index[i]] for i in item_ids if i in c.index]
 
     def search(
-        self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_uri: str
+        self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_id: str
     ) -> list[dict[str, Any]]:
-        c = self._catalog_of(model_uri)
-        scores = c.emb @ q  # (n_items,)
-        keep = np.ones(len(c.ids), dtype=bool)
-        f = filters or {}
-        if f.get("category"):
-            keep &= np.array([cat.lower().startswith(f["category"].lower()) for cat in c.category])
-        if f.get("brand"):
-            keep &= c.brand == f["brand"].lower()
-        if f.get("min_price") is not None:
-            keep &= c.price >= f["min_price"]
-        if f.get("max_price") is not None:
-            keep &= c.price <= f["max_price"]
-        for i in exclude or []:
-            if i in c.index:
-                keep[c.index[i]] = False
-        cand = np.flatnonzero(keep)
-        if len(cand) == 0:
-            return []
-        k = min(k, len(cand))
-        top = cand[np.argpartition(-scores[cand], k - 1)[:k]]
-        top = top[np.lexsort((top, -scores[top]))]  # score desc, then catalog order: deterministic
-        return [{**c.meta[i], "score": float(scores[i])} for i in top]
+        from recsys import retrieval
 
-    def score(self, q: np.ndarray, item_ids: list[str], model_uri: str) -> list[float]:
-        c = self._catalog_of(model_uri)
+        c = self._catalog_of(model_id)
+        # The same ranking as the batch job (recsys.recommend): one implementation of both.
+        excluded = [c.index[i] for i in exclude or [] if i in c.index]
+        top, scores = retrieval.search(c.emb, q[None], k, retrieval.filter_mask(c.fields, filters), [excluded])[0]
+        return [{**c.meta[i], "score": float(s)} for i, s in zip(top, scores, strict=True)]
+
+    def score(self, q: np.ndarray, item_ids: list[str], model_id: str) -> list[float]:
+        c = self._catalog_of(model_id)
         rows = [c.index[i] for i in item_ids]
         return [float(s) for s in c.emb[rows] @ q]
 
-    def _catalog_of(self, model_uri: str) -> Catalog:
+    def _catalog_of(self, model_id: str) -> Catalog:
         c = self.catalog
-        if model_uri != c.model_uri:
-            raise ModelMismatch(f"query from {model_uri!r}, catalog embedded by {c.model_uri!r}")
+        if model_id != c.model_id:
+            raise ModelMismatch(f"query vector from model {model_id}, catalog embedded by model {c.model_id}")
         return c
 
     def size(self) -> int:
@@ -269,7 +264,8 @@ class Retriever:
 
     def info(self) -> dict[str, Any]:
         model_uri, items_uri, index_uri = self.source or ("", "", "")
-        return {"model_uri": model_uri, "items_uri": items_uri, "index_uri": index_uri}
+        model_id = self.catalog.model_id if self.catalog else ""
+        return {"model_uri": model_uri, "model_id": model_id, "items_uri": items_uri, "index_uri": index_uri}
 
 
 class ProfileStore:
@@ -350,6 +346,7 @@ class RecommendRequest(BaseModel):
     recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS, description="oldest first")
     k: int = Field(10, ge=1, le=MAX_K)
     include_purchased: bool = False
+    filters: Filters | None = None
 
     @model_validator(mode="after")
     def _someone(self) -> "RecommendRequest":
@@ -430,9 +427,9 @@ class Ingress:
         mismatch is retried (re-encoding: the encoder may be the stale side) instead of failing."""
         deadline = time.monotonic() + SWAP_WAIT_S
         while True:
-            q, model_uri = await self._call(encode, what)
+            q, model_id = await self._call(encode, what)
             try:
-                return await self._call(method, q, *a, model_uri)
+                return await self._call(method, q, *a, model_id)
             except ModelMismatch:
                 if time.monotonic() > deadline:
                     raise HTTPProblem(503, "a new model is rolling out, retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
@@ -465,7 +462,7 @@ class Ingress:
             info = await asyncio.wait_for(self.encoder.info.remote(), timeout=5)
         except Exception as e:  # noqa: BLE001 - not ready for any reason is "not ready"
             return JSONResponse(status_code=503, content={"status": "not ready", "error": str(e)[:200]}, headers={"Retry-After": RETRY_AFTER_S})
-        return JSONResponse(content={"status": "ready", "items": n, "model": info["model_uri"]})
+        return JSONResponse(content={"status": "ready", "items": n, "model": info["model_uri"], "model_id": info["model_id"]})
 
     @api.post("/search")
     async def search(self, body: SearchRequest, request: Request) -> dict[str, Any]:
@@ -481,7 +478,8 @@ class Ingress:
         if not texts:
             raise HTTPProblem(404, f"user {body.user_id!r} has no history yet; send /events or recent_item_ids")
         exclude = None if body.include_purchased else purchased
-        return {"items": await self._retrieve(self.encoder.encode_user, texts, self.retriever.search, body.k, None, exclude)}
+        filters = body.filters.model_dump() if body.filters else None
+        return {"items": await self._retrieve(self.encoder.encode_user, texts, self.retriever.search, body.k, filters, exclude)}
 
     @api.post("/score")
     async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
@@ -503,14 +501,19 @@ class Ingress:
         return {"user_id": body.user_id, "history_length": n}
 
 
-def _user_configs(a: AppArgs) -> dict[str, dict[str, Any]]:
+def _user_configs(a: AppArgs, model_id: str = "") -> dict[str, dict[str, Any]]:
+    """The model deployments' user_config. `model_id` (the identity of the model at model_uri
+    when deployed) makes a redeploy of the same path with new weights a changed user_config, so
+    Serve reconfigures the replicas, and lets a restarted replica refuse weights re-exported
+    there since."""
     raw = a.model_dump()
+    ident = {"model_id": model_id} if model_id else {}
     return {
         "Encoder": {
             "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s, "batching": a.batching,
-            "model_uri": a.model_uri,
+            "model_uri": a.model_uri, **ident,
         },
-        "Retriever": {k: raw[k] for k in SWAPPABLE},
+        "Retriever": {**{k: raw[k] for k in SWAPPABLE}, **ident},
     }
 
 
@@ -546,13 +549,24 @@ def app_builder(args: dict[str, Any]) -> Any:
 def app_args(cfg: Any) -> dict[str, Any]:
     """AppArgs for a run's artefacts from a recsys Config (its `serve` section fills the rest)."""
     from recsys import paths, storage
+    from recsys.encoder import model_id_at
+    from recsys.index import INDEX_META, check_model, index_model_id
 
     s = cfg.serve
+    model_uri = s.model_uri or paths.export_dir(cfg)
+    model_id = model_id_at(model_uri, cfg.storage)
     index = s.index_uri
-    if not index and storage.exists(storage.join(paths.index_dir(cfg), "index.json"), cfg.storage):
+    if index:
+        check_model(index_model_id(index, cfg.storage), model_id, index)
+    elif storage.exists(storage.join(paths.index_dir(cfg), INDEX_META), cfg.storage):
+        # The run's index is used only if this model built it: a stale one (an earlier training
+        # at the same path, or another model) is an error, not a silently wrong catalog.
         index = paths.index_dir(cfg)
+        check_model(index_model_id(index, cfg.storage), model_id, index)
+    else:
+        log.info("no index at %s: the Retriever embeds the catalog with model %s at start-up", paths.index_dir(cfg), model_id)
     args = {
-        "model_uri": s.model_uri or paths.export_dir(cfg),
+        "model_uri": model_uri,
         "items_uri": s.items_uri or paths.items(cfg),
         "index_uri": index,
         "auth_token": s.auth_token,
@@ -575,13 +589,15 @@ def app_args(cfg: Any) -> dict[str, Any]:
     return args
 
 
-def app_config(args: dict[str, Any], name: str = "recsys", route_prefix: str = "/") -> dict[str, Any]:
+def app_config(args: dict[str, Any], name: str = "recsys", route_prefix: str = "/", model_id: str = "") -> dict[str, Any]:
     """The app as a declarative Serve application config (the schema `serve deploy` takes).
 
     The swappable URIs ride only in the model deployments' user_config and the args hold the
     rest, so the app's code version (a hash of import path, runtime env and args) is the same for
     every checkpoint: deploying this again with another model is an in-place reconfigure of the
-    running replicas, which keep serving the old model until the new one has loaded."""
+    running replicas, which keep serving the old model until the new one has loaded. `model_id`
+    (the identity of the model at model_uri; `deploy_args` fills it) goes into both user_configs:
+    without it, a model retrained to the same path is not seen as a change."""
     a = AppArgs(**args)
     if not a.model_uri or not a.items_uri:
         raise ValueError("app_config needs model_uri and items_uri")
@@ -591,7 +607,7 @@ def app_config(args: dict[str, Any], name: str = "recsys", route_prefix: str = "
         "route_prefix": route_prefix,
         "import_path": "serve.app:app_builder",
         "args": static,
-        "deployments": [{"name": n, "user_config": uc} for n, uc in _user_configs(a).items()],
+        "deployments": [{"name": n, "user_config": uc} for n, uc in _user_configs(a, model_id).items()],
     }
     import ray
 
@@ -620,6 +636,8 @@ def check_app_config(app: dict[str, Any]) -> dict[str, str]:
             raise ValueError("URIs in user_config: leave them out of args (a change there restarts every replica)")
         if enc.get("model_uri") != ret.get("model_uri"):
             raise ValueError(f"Encoder user_config model_uri {enc.get('model_uri')!r} != Retriever's {ret.get('model_uri')!r}")
+        if enc.get("model_id") != ret.get("model_id"):
+            raise ValueError(f"Encoder user_config model_id {enc.get('model_id')!r} != Retriever's {ret.get('model_id')!r}")
         for key in ("max_batch_size", "batch_wait_timeout_s", "batching"):
             if key not in enc:
                 raise ValueError(f"the Encoder's user_config replaces the one built from args: it needs {key!r}")
@@ -641,8 +659,10 @@ def _apply(app: dict[str, Any]) -> None:
     client.deploy_apps(ServeDeploySchema(applications=[*others, app]))
 
 
-def _wait_serving(name: str, model_uri: str, items_uri: str, timeout_s: float) -> None:
-    """Until the app is RUNNING and its Encoder and Retriever report the given model and catalog."""
+def _wait_serving(name: str, model_id: str, model_uri: str, items_uri: str, timeout_s: float) -> None:
+    """Until the app is RUNNING and both its Encoder and its Retriever serve model `model_id`
+    (the identity: the same URI may have held another model a moment ago) from `model_uri`, over
+    the catalog at `items_uri`."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -651,23 +671,37 @@ def _wait_serving(name: str, model_uri: str, items_uri: str, timeout_s: float) -
             if st is not None and str(st.status).endswith("RUNNING"):
                 enc = serve.get_deployment_handle("Encoder", name).info.remote().result(timeout_s=10)
                 ret = serve.get_deployment_handle("Retriever", name).info.remote().result(timeout_s=10)
-                last = (enc["model_uri"], ret["model_uri"], ret["items_uri"])
-                if last == (model_uri, model_uri, items_uri):
+                last = (enc["model_id"], ret["model_id"], enc["model_uri"], ret["model_uri"], ret["items_uri"])
+                if last == (model_id, model_id, model_uri, model_uri, items_uri):
                     return
             else:
-                last = st.status if st is not None else "absent"
+                last = f"{st.status}: {getattr(st, 'message', '')[:300]}" if st is not None else "absent"
         except Exception as e:  # noqa: BLE001 - replicas starting up: keep waiting until the deadline
             last = repr(e)[:200]
         time.sleep(0.5)
-    raise TimeoutError(f"app {name!r} did not come to serve {model_uri} within {timeout_s:.0f}s (last seen: {last})")
+    raise TimeoutError(f"app {name!r} did not come to serve model {model_id} ({model_uri}) within {timeout_s:.0f}s (last seen: {last})")
+
+
+def _check_deployable(args: dict[str, Any]) -> str:
+    """The identity of the model at args' model_uri, after refusing an index another model built
+    (before anything is deployed: in a replica the same refusal would only show as a timeout)."""
+    from recsys.encoder import model_id_at
+    from recsys.index import check_model, index_model_id
+
+    cfg = _storage_cfg(AppArgs(**args))
+    model_id = model_id_at(args["model_uri"], cfg)
+    if args.get("index_uri"):
+        check_model(index_model_id(args["index_uri"], cfg), model_id, args["index_uri"])
+    return model_id
 
 
 def deploy_args(args: dict[str, Any], name: str = "recsys", route_prefix: str = "/", timeout_s: float = 600.0) -> None:
-    """Deploy (or swap in place: same args but the URIs) the app declaratively; returns once it
-    serves `args`' model and catalog. Serve must be started (`serve.start`)."""
-    app = app_config(args, name, route_prefix)
-    _apply(app)
-    _wait_serving(name, args["model_uri"], args["items_uri"], timeout_s)
+    """Deploy (or swap in place: same args but the URIs or the model at them) the app
+    declaratively; returns once it serves the model now at `args`' model_uri, by identity.
+    Serve must be started (`serve.start`)."""
+    model_id = _check_deployable(args)
+    _apply(app_config(args, name, route_prefix, model_id=model_id))
+    _wait_serving(name, model_id, args["model_uri"], args["items_uri"], timeout_s)
 
 
 def swap(name: str, model_uri: str, index_uri: str = "", items_uri: str = "", timeout_s: float = 600.0) -> None:
@@ -683,13 +717,17 @@ def swap(name: str, model_uri: str, index_uri: str = "", items_uri: str = "", ti
     ucs = {d["name"]: dict(d.get("user_config") or {}) for d in app.get("deployments", [])}
     retr = ucs.get("Retriever", {})
     new = {"model_uri": model_uri, "items_uri": items_uri or retr.get("items_uri") or app["args"].get("items_uri", ""), "index_uri": index_uri}
-    ucs["Encoder"] = {**ucs.get("Encoder", {}), "model_uri": model_uri}
+    # The deployed app's args carry its object-store settings; the identity (and the index
+    # check) is taken from the model at model_uri now, so a re-export to the same path swaps.
+    model_id = _check_deployable({**app["args"], **new})
+    new["model_id"] = model_id
+    ucs["Encoder"] = {**ucs.get("Encoder", {}), "model_uri": model_uri, "model_id": model_id}
     ucs["Retriever"] = new
     deployments = {d["name"]: d for d in app.get("deployments", [])}
     for n, uc in ucs.items():
         deployments[n] = {**deployments.get(n, {"name": n}), "user_config": uc}
     _apply({**app, "deployments": list(deployments.values())})
-    _wait_serving(name, model_uri, new["items_uri"], timeout_s)
+    _wait_serving(name, model_id, model_uri, new["items_uri"], timeout_s)
 
 
 def deploy(cfg: Any) -> dict[str, Any]:
@@ -697,7 +735,7 @@ def deploy(cfg: Any) -> dict[str, Any]:
     Deploying again after training a new checkpoint swaps the model in place."""
     from recsys.runtime import ensure_ray
 
-    ensure_ray()
+    ensure_ray(cfg=cfg)
     s = cfg.serve
     args = app_args(cfg)
     t = time.perf_counter()

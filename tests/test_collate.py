@@ -52,6 +52,24 @@ def test_collate_pads_like_the_tokenizer(tiny_model: str) -> None:
     assert b["weights"].tolist() == [1.0, 3.0, 2.0]
 
 
+def test_rows_of_one_user_or_one_query_share_a_group(tiny_model: str) -> None:
+    """Their positives are accidental hits for each other (the loss masks equal group keys)."""
+    cfg = Config()
+    cfg.model.name_or_path = tiny_model
+    batch = {
+        "kind": np.array(["next_item", "next_item", "next_item", "search", "search", "search"], dtype=object),
+        "user_id": np.array(["u1", "u1", "u2", "u3", "u4", "u4"], dtype=object),
+        "query": np.array([None, None, None, "Dog  Bed", "dog bed", "red shoe"], dtype=object),
+        "history": np.array([None] * 6, dtype=object),
+        "item_id": np.array(["A", "B", "C", "C", "A", "A"], dtype=object),
+        "weight": np.ones(6),
+    }
+    g = collate(batch, _items(), load_tokenizer(cfg.model), cfg)["group_keys"].tolist()
+    assert g[0] == g[1] != g[2]  # one user's next items
+    assert g[3] == g[4] != g[5]  # one query's relevant products, whoever searched
+    assert len({g[0], g[2], g[3], g[5]}) == 4
+
+
 def test_pipeline_features_round_trip_to_the_same_tensors(tiny_model: str) -> None:
     """Featurize's arrow output, as Ray Data hands it back in numpy batches, pads to what collate gives."""
     cfg = Config()

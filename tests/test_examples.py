@@ -3,7 +3,6 @@ the Ray Data wiring once."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -98,7 +97,7 @@ def test_sequence_time_split() -> None:
         ("B", "train"), ("C", "valid"), ("D", "test"), ("A", "test")
     ]
     with pytest.raises(ValueError, match="sequence_split"):
-        sequence_examples(LOG, dataclasses.replace(cfg, sequence_split="random"))
+        sequence_examples(LOG, cfg.model_copy(update={"sequence_split": "random"}))
 
 
 def test_search_examples() -> None:
@@ -143,6 +142,32 @@ def test_split_given_by_the_source_wins_over_time() -> None:
     cfg = DataConfig(valid_fraction=0.1, test_fraction=0.1)
     got = rows_of(search_examples(log, cfg, TimeCutoffs.from_range(t(0), t(10), cfg)))
     assert [r["split"] for r in got] == ["test", "test"]
+
+
+def judged_log(split: str) -> pa.Table:
+    """A Home-Depot-like query judged 1, 2 and 3 (recsys.data.real: view, click, purchase)."""
+    log = events([(0, "q", "view", "P1", "drill"), (1, "q", "click", "P2", "drill"), (2, "q", "purchase", "P3", "drill")])
+    extras = [f'{{"relevance": {r}, "split": "{split}"}}' for r in (1.0, 2.0, 3.0)]
+    return log.set_column(6, "extra", pa.array(extras))
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_evaluation_splits_keep_every_judged_item(split: str) -> None:
+    """Judged items below the positive weight stay in valid/test: the re-rank protocol needs all
+    of a query's judged products as candidates, the irrelevant ones included."""
+    got = rows_of(search_examples(judged_log(split), DataConfig()))
+    assert sorted((r["item_id"], r["relevance"], r["weight"], r["split"]) for r in got) == [
+        ("P1", 1.0, 0.0, split), ("P2", 2.0, 1.0, split), ("P3", 3.0, 3.0, split)
+    ]
+
+
+def test_training_split_keeps_positives_only() -> None:
+    got = rows_of(search_examples(judged_log("train"), DataConfig()))
+    assert sorted(r["item_id"] for r in got) == ["P2", "P3"]
+    # Unjudged views in an evaluation split are not judgements: still no example.
+    views = events([(0, "s", "view", "A", "q")])
+    views = views.set_column(6, "extra", pa.array(['{"split": "test"}']))
+    assert search_examples(views, DataConfig()).num_rows == 0
 
 
 @pytest.mark.ray

@@ -42,6 +42,37 @@ def test_same_item_duplicate_and_history_are_never_negatives() -> None:
     assert half.item() == pytest.approx((0.0 + _ce([0.0, 0.8], 1)) / 2, abs=1e-4)
 
 
+def test_other_positives_of_the_same_user_or_query_are_never_negatives() -> None:
+    t = 1.0
+    alone = (_ce([1.0], 0) + _ce([0.8], 0)) / 2
+    same = sampled_softmax_loss(Q, D, temperature=t, item_keys=torch.tensor([1, 2]), group_keys=torch.tensor([9, 9]))
+    assert same.item() == pytest.approx(alone, abs=1e-4)
+    other = sampled_softmax_loss(Q, D, temperature=t, item_keys=torch.tensor([1, 2]), group_keys=torch.tensor([8, 9]))
+    assert other.item() == pytest.approx((_ce([1.0, 0.6], 0) + _ce([0.0, 0.8], 1)) / 2, rel=1e-6)
+    # The module masks them by default, and can be told not to.
+    loss = SampledSoftmaxLoss(temperature=t, logq_correction=False)
+    assert loss(Q, D, item_keys=torch.tensor([1, 2]), group_keys=torch.tensor([9, 9])).item() == pytest.approx(alone, abs=1e-4)
+    off = SampledSoftmaxLoss(temperature=t, mask_same_group=False)
+    assert off(Q, D, item_keys=torch.tensor([1, 2]), group_keys=torch.tensor([9, 9])).item() > alone + 0.1
+
+
+def test_bf16_embeddings_get_fp32_logits_and_logq() -> None:
+    """Logits near 30 (cosine / 0.05 minus log Q ~ -11) have a resolution of 0.125 in bf16: the
+    loss must be computed in fp32 from the bf16 embeddings, not in bf16."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=-1).bfloat16()
+    d = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=-1).bfloat16()
+    logq = torch.log(torch.rand(16, generator=g) * 1e-4 + 1e-6)  # ~ -11 .. -14, fp32
+    ref = sampled_softmax_loss(q.float(), d.float(), temperature=0.05, logq=logq)
+    got = sampled_softmax_loss(q, d, temperature=0.05, logq=logq)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), abs=1e-5)
+    # A learnt temperature held by a bf16 engine is a bf16 tensor: it is upcast too.
+    got_t = sampled_softmax_loss(q, d, temperature=torch.tensor(0.05, dtype=torch.bfloat16), logq=logq)
+    ref_t = sampled_softmax_loss(q.float(), d.float(), temperature=torch.tensor(0.05, dtype=torch.bfloat16).float(), logq=logq)
+    assert got_t.item() == pytest.approx(ref_t.item(), abs=1e-5)
+
+
 def test_logq_weights_and_hard_negatives_by_hand() -> None:
     t = 1.0
     logq = torch.tensor([math.log(0.5), math.log(0.1)])
@@ -82,6 +113,8 @@ def _global_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         "dups": torch.tensor([10, 11, 12, 13, 14, 15, 16, 10]),
         "hist": torch.tensor([[2, -1]] * 4 + [[-1, -1]] * 4),
         "logq": torch.log(torch.linspace(0.05, 0.3, 8)),
+        # Heavier rows on the first worker: a per-worker normaliser would weight them less.
+        "w": torch.tensor([3.0, 3.0, 2.0, 3.0, 1.0, 1.0, 0.0, 1.0]),
     }
 
 
@@ -95,7 +128,7 @@ def _loss(tower, b, sl) -> torch.Tensor:
     d = torch.nn.functional.normalize(tower(b["xd"][sl]), dim=-1)
     return sampled_softmax_loss(
         q, d, temperature=0.2, item_keys=b["keys"][sl], dup_keys=b["dups"][sl],
-        history_keys=b["hist"][sl], logq=b["logq"][sl],
+        history_keys=b["hist"][sl], logq=b["logq"][sl], weights=b["w"][sl],
     )
 
 
@@ -116,7 +149,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_workers_match_one_worker_on_the_same_global_batch(tmp_path) -> None:
+def test_two_workers_match_one_worker_on_the_same_weighted_global_batch(tmp_path) -> None:
     b, tower = _global_batch(), _tower()
     ref = _loss(tower, b, slice(0, 8))
     ref.backward()

@@ -51,6 +51,9 @@ def test_prepare_synthetic_round_trip_through_s3(ray_cluster: None, s3_server, s
     # Round trip, count-wise: every generated row was read, and each planted bad row was
     # quarantined for the reason it was planted for; nothing else was.
     assert c["rows_in"] == gen["events"] == c["rows_kept"] + c["rows_quarantined"]
+    # The files' own count (newlines, parquet footers) agrees, with nothing left over.
+    assert c["rows_in_files"] == gen["events"] and c["blank_lines"] == 0
+    assert c["event_files"] == 2 and c["catalog_rows_in_files"] == gen["catalog_items"]
     planted = {k: v for k, v in gen["bad_rows_planted"].items() if v}
     assert planted and c["quarantined_by_reason"] == planted
     q = _read(paths.quarantine(cfg) + "/events", cfg).to_table()
@@ -145,6 +148,8 @@ def test_prepare_files_source_hand_made_log(ray_cluster: None, s3_storage) -> No
     assert c["quarantined_by_reason"] == dict(expected)
     assert c["rows_kept"] == len(GOOD_EVENTS)
     assert c["rows_in"] == c["rows_kept"] + c["rows_quarantined"] == len(GOOD_EVENTS) + sum(expected.values())
+    assert (c["event_files"], c["rows_in_files"], c["blank_lines"]) == (2, c["rows_in"], 0)
+    assert (c["catalog_files"], c["catalog_rows_in_files"], c["catalog_blank_lines"]) == (2, 6, 0)
     assert c["catalog_quarantined_by_reason"] == {"duplicate_item_id": 1, "missing_id": 1, "wrong_type": 1}
     assert c["catalog_rows_in"] == 6 and c["items"] == 3
     assert c["users"] == 3

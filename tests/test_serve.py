@@ -32,13 +32,7 @@ TITLES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def service(ray_cluster, tiny_model, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import app_builder
-
-    items_dir = tmp_path_factory.mktemp("items")
+def _write_items(items_dir: Path) -> pa.Table:
     table = pa.table(
         {
             "item_id": [t[0] for t in TITLES],
@@ -53,6 +47,17 @@ def service(ray_cluster, tiny_model, tmp_path_factory):
         schema=ITEMS_SCHEMA,
     )
     pq.write_table(table, items_dir / "part-00000.parquet")
+    return table
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import app_builder
+
+    items_dir = tmp_path_factory.mktemp("items")
+    table = _write_items(items_dir)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_uri": tiny_model, "items_uri": str(items_dir), "max_replicas": 1, "replica_cpus": 0.2}
@@ -233,7 +238,8 @@ def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, 
 
     model_b = make_tiny_bert(tmp_path / "model-b", seed=1)
     ids, texts = service["table"].column("item_id").to_pylist(), service["table"].column("text").to_pylist()
-    build_index(TextEncoder(model_b).encode_items(texts), ids).save(str(tmp_path / "index-b"))
+    enc_b = TextEncoder(model_b)
+    build_index(enc_b.encode_items(texts), ids, model_id=enc_b.model_id).save(str(tmp_path / "index-b"))
     base = {"model_uri": service["model"], "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2}
     deploy_args(base, name="swap", route_prefix="/swap", timeout_s=180)
     c = service["client"]
@@ -278,3 +284,145 @@ def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, 
     rec = c.post("/swap/recommend", json={"user_id": "u-swap", "k": 3})
     assert rec.status_code == 200, "the live profile outlived the model swap"
     serve.delete("swap")
+
+
+def _export_tiny(tiny_model: str, out: Path, perturb: float = 0.0) -> None:
+    """The tiny BERT exported as a two-tower model; `perturb` nudges the weights like a retraining."""
+    import torch
+
+    from recsys.config import ModelConfig
+    from recsys.model import build_two_tower, export_model, load_tokenizer
+
+    mcfg = ModelConfig(name_or_path=tiny_model, max_item_tokens=32)
+    torch.manual_seed(0)
+    model = build_two_tower(mcfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    export_model(model, load_tokenizer(mcfg), mcfg, {}, out)
+
+
+def test_an_index_of_another_model_is_refused_naming_both(tiny_model, tmp_path) -> None:
+    """Issue 14: the Retriever (and deploy, before deploying anything) refuses catalog embeddings
+    made by another model, instead of serving scores of one model's queries against another's items."""
+    from recsys.encoder import make_tiny_bert
+    from recsys.index import IndexModelMismatch, build_index
+    from serve.app import AppArgs, deploy_args, load_catalog
+
+    (tmp_path / "items").mkdir()
+    table = _write_items(tmp_path / "items")
+    items_dir = str(tmp_path / "items")
+    model_b = make_tiny_bert(tmp_path / "model-b", seed=1)
+    enc_a, enc_b = TextEncoder(tiny_model), TextEncoder(model_b)
+    ids, texts = table.column("item_id").to_pylist(), table.column("text").to_pylist()
+    build_index(enc_a.encode_items(texts), ids, model_id=enc_a.model_id).save(str(tmp_path / "index-a"))
+    build_index(enc_a.encode_items(texts), ids).save(str(tmp_path / "index-anon"))  # records no model
+    args = {"model_uri": model_b, "items_uri": items_dir, "index_uri": str(tmp_path / "index-a")}
+    for refuse in (lambda: load_catalog(AppArgs(), model_b, items_dir, str(tmp_path / "index-a")), lambda: deploy_args(args)):
+        with pytest.raises(IndexModelMismatch) as e:
+            refuse()
+        assert enc_a.model_id in str(e.value) and enc_b.model_id in str(e.value)
+    with pytest.raises(IndexModelMismatch, match="does not record"):
+        load_catalog(AppArgs(), tiny_model, items_dir, str(tmp_path / "index-anon"))
+    catalog = load_catalog(AppArgs(), tiny_model, items_dir, str(tmp_path / "index-a"))
+    assert catalog.model_id == enc_a.model_id
+
+
+def test_a_restarted_replica_refuses_weights_re_exported_since_the_deploy(tiny_model, tmp_path) -> None:
+    """The user_config names the deployed model's identity: a replica (re)starting after the
+    export at that path was replaced does not serve the new weights beside the old catalog."""
+    import asyncio
+
+    from serve.app import Encoder, Retriever
+
+    _export_tiny(tiny_model, tmp_path / "export")
+    deployed = TextEncoder(str(tmp_path / "export")).model_id
+    _export_tiny(tiny_model, tmp_path / "export", perturb=0.01)  # retrained, not yet deployed
+    (tmp_path / "items").mkdir()
+    _write_items(tmp_path / "items")
+    uc = {"model_uri": str(tmp_path / "export"), "items_uri": str(tmp_path / "items"), "index_uri": "", "model_id": deployed}
+    for deployment in (Encoder, Retriever):
+        replica = deployment.func_or_class({})
+        with pytest.raises(ValueError, match=f"deployed with model {deployed}"):
+            asyncio.run(replica.reconfigure(uc))
+
+
+def test_redeploy_of_the_same_path_with_new_weights_serves_them(service, tmp_path) -> None:
+    """Issue 14: retrain, export to the same path, deploy again: the service must answer with
+    the new weights (it used to see an unchanged path, do nothing and report success)."""
+    from ray import serve
+
+    from serve.app import deploy_args
+
+    export = tmp_path / "export"
+    items = [t[0] for t in TITLES]
+    body = {"query": "trail running shoes", "item_ids": items}
+
+    def offline() -> np.ndarray:
+        enc = TextEncoder(str(export))
+        return enc.encode_items(service["table"].column("text").to_pylist()) @ enc.encode_queries([body["query"]])[0]
+
+    _export_tiny(service["model"], export)
+    args = {"model_uri": str(export), "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2}
+    c = service["client"]
+    try:
+        deploy_args(args, name="redeploy", route_prefix="/redeploy", timeout_s=180)
+        old = np.array(c.post("/redeploy/score", json=body).json()["scores"])
+        np.testing.assert_allclose(old, offline(), atol=1e-5)
+        _export_tiny(service["model"], export, perturb=0.05)
+        new_offline = offline()
+        assert not np.allclose(old, new_offline, atol=1e-3), "the retrained weights must score differently"
+        deploy_args(args, name="redeploy", route_prefix="/redeploy", timeout_s=180)
+        r = c.post("/redeploy/score", json=body)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["scores"], new_offline, atol=1e-5)
+        assert c.get("/redeploy/readyz").json()["model_id"] == TextEncoder(str(export)).model_id
+    finally:
+        serve.delete("redeploy")
+
+
+def test_the_batch_job_answers_as_the_served_app(service, tmp_path) -> None:
+    """Issue 21: jobs.recommend's top-k for a file of searches and histories equals the running
+    app's answers over HTTP for the same inputs: same model, user text, index, filters and
+    exclusions (one ranking function, recsys.retrieval.search, serves both)."""
+    import json
+
+    from recsys import recommend
+    from recsys.config import load_config
+    from recsys.index import build_index
+
+    enc = TextEncoder(service["model"])
+    table = service["table"]
+    build_index(enc.encode_items(table.column("text").to_pylist()), table.column("item_id").to_pylist(),
+                model_id=enc.model_id).save(str(tmp_path / "index"))
+    requests = [
+        ({"query": "running shoes"}, "/search", {"query": "running shoes"}),
+        ({"query": "coffee"}, "/search", {"query": "coffee"}),
+        ({"history": ["P3", "P4"]}, "/recommend", {"recent_item_ids": ["P3", "P4"]}),
+        # The app's live profile (a click, then a purchase, which it excludes) as a file row.
+        ({"history": ["P5", "P8"], "exclude": ["P8"]}, "/recommend", {"user_id": "u-batch"}),
+    ]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps({**row, "request_id": str(n)}) + "\n" for n, (row, _, _) in enumerate(requests)))
+    c = service["client"]
+    events = [{"item_id": "P5", "event_type": "click", "timestamp": 1}, {"item_id": "P8", "event_type": "purchase", "timestamp": 2}]
+    assert c.post("/events", json={"user_id": "u-batch", "events": events}).status_code == 200
+    filters = {"min_price": 35.0}
+    served = []
+    for _, path, body in requests:
+        r = c.post(path, json={**body, "k": 5, "filters": filters})
+        assert r.status_code == 200, r.text
+        served.append(r.json()["items"])
+    assert "P8" not in [i["item_id"] for i in served[3]] and all(i["price"] >= 35 for s in served for i in s)
+
+    cfg = load_config(None, [
+        f"storage.root={tmp_path / 'root'}", f"serve.model_uri={service['model']}", f"serve.items_uri={service['items_dir']}",
+        f"serve.index_uri={tmp_path / 'index'}", f"recommend.input_uri={tmp_path / 'requests.jsonl'}", "recommend.k=5",
+        "recommend.min_price=35", "recommend.exclude_history=false", "recommend.cpus_per_actor=0.2",
+    ])
+    summary = recommend.run(cfg)
+    assert summary["rows_out"] == summary["ranked"] == len(requests) and summary["model_id"] == enc.model_id
+    out = pq.read_table(tmp_path / "root" / "train" / "recommendations").to_pylist()
+    by_id = {int(r["request_id"]): r for r in out}
+    for n, items in enumerate(served):
+        assert by_id[n]["item_ids"] == [i["item_id"] for i in items], (requests[n], by_id[n]["item_ids"], items)
+        np.testing.assert_allclose(by_id[n]["scores"], [i["score"] for i in items], atol=1e-5)

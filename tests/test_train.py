@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def prepared(ray_cluster, s3_server, tiny_model):
 
 
 def _cfg(prepared, **train):
-    cfg = dataclasses.replace(prepared, train=dataclasses.replace(prepared.train, **train))
+    cfg = prepared.model_copy(update={"train": type(prepared.train)(**{**prepared.train.model_dump(), **train})})
     return cfg
 
 
@@ -83,6 +82,11 @@ def test_resume_continues_from_the_checkpoint(prepared) -> None:
     # The resumed attempt continued the data stream: it walked past the 4 consumed batches.
     assert [r.get("skipped_batches") for r in _metrics(cfg2)] == [0, 0, 0, 0, 4, 4]
     assert summary["steps"] == 6
+    # ... and saw exactly the examples an uninterrupted run sees at steps 5 and 6 (and before).
+    train.run(_cfg(prepared, zero_stage=2, run_name="resume-ref", max_steps=6, checkpoint_every=6))
+    ref = [r["batch_hash"] for r in _metrics(_cfg(prepared, run_name="resume-ref"))]
+    got = [r["batch_hash"] for r in _metrics(cfg2)]
+    assert len(set(ref)) == 6 and got == ref, (got, ref)
     ckpt = "s3://" + summary["checkpoint"]
     assert storage.exists(storage.join(ckpt, "config.yaml"), cfg2.storage)
     assert json.loads(storage.read_bytes(storage.join(ckpt, "recsys_state.json"), cfg2.storage))["step"] == 6

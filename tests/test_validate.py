@@ -79,6 +79,55 @@ def test_parse_timestamps_forms() -> None:
     assert got[5] is None and got[6] is None
 
 
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+@pytest.mark.parametrize("tz", [None, "UTC", "America/New_York"])
+def test_parse_typed_timestamps_every_unit_and_zone(unit: str, tz: str | None) -> None:
+    """Typed timestamps of any unit and zone -> the UTC instant truncated to ms (a "safe" cast
+    refused sub-ms parts); zoned values are instants already, naive ones are taken as UTC."""
+    per_s = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
+    t_ns = int(dt.datetime(2026, 6, 1, 10, tzinfo=dt.timezone.utc).timestamp()) * 10**9 + 123_456_789
+    col = pa.array([t_ns // (10**9 // per_s), None], pa.timestamp(unit, tz))
+    want = dt.datetime(2026, 6, 1, 10, 0, 0, 0 if unit == "s" else 123000, tzinfo=dt.timezone.utc)
+    assert parse_timestamps(col).to_pylist() == [want, None]
+    # Through the raw form the readers produce, a chunked column.
+    assert parse_timestamps(pa.chunked_array([col])).to_pylist() == [want, None]
+
+
+def test_parse_timestamps_sub_ms_text_and_float_epochs() -> None:
+    """Text as exports write it: micro/nanosecond ISO strings (Spark, Python's isoformat),
+    epoch floats as Arrow prints them, and out-of-range epochs -> null, not an overflow."""
+    col = pa.array(["2026-06-01T10:00:00.123456Z", "2026-06-01 10:00:00.123456789",
+                    "1.780000000123e+12", "1780000000.123", "1e+20", "nan", "inf", "99999999999999"])
+    got = parse_timestamps(col).to_pylist()
+    utc = dt.timezone.utc
+    assert got[0] == got[1] == dt.datetime(2026, 6, 1, 10, 0, 0, 123000, tzinfo=utc)
+    # 1780000000.123 s * 1000 is 1780000000122.9999 in floats: still .123.
+    assert got[2] == got[3] == dt.datetime(2026, 5, 28, 20, 26, 40, 123000, tzinfo=utc)
+    assert got[4:] == [None] * 4
+    # A batch that also holds an unparsable ISO string takes the per-row path: same answers.
+    assert parse_timestamps(pa.array([*col.to_pylist(), "2026-13-45T00:00:00Z"])).to_pylist() == [*got, None]
+
+
+def test_impossible_typed_timestamps_are_quarantined_not_a_crash() -> None:
+    """Typed values Python's datetime cannot hold (year 0, year 10000) or ms cannot hold
+    (seconds beyond +-292 million years) are bad_timestamp rows showing the stored value."""
+    from recsys.data.io import EVENT_COLUMNS, _to_raw
+
+    ok = int(dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc).timestamp())
+    for unit, values, shown in [
+        ("us", [ok * 10**6, 253402300800 * 10**6, -62167219200 * 10**6], ["10000-01-01", "0000-01-01"]),
+        ("s", [ok, 2**62], [str(2**62)]),
+    ]:
+        n = len(values)
+        table = pa.table({"user_id": ["u1"] * n, "session_id": ["s1"] * n, "event_type": ["click"] * n,
+                          "item_id": ["i1"] * n, "timestamp": pa.array(values, pa.timestamp(unit, "UTC"))})
+        clean, bad = validate_event_batch(_to_raw(table, EVENT_COLUMNS), KNOWN)
+        assert clean.num_rows == 1
+        assert bad.column("reason").to_pylist() == ["bad_timestamp"] * len(shown)
+        for raw, detail, text in zip(bad.column("raw").to_pylist(), bad.column("detail").to_pylist(), shown, strict=True):
+            assert text in json.loads(raw)["timestamp"] and text in detail
+
+
 def test_event_batch_exact_counts_per_reason() -> None:
     rows = GOOD_EVENTS + [r for _, r in BAD_EVENTS] + [_ev(item="7")]
     type_errors = [None] * (len(rows) - 1) + ["item_id has JSON type int: 7"]

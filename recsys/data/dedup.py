@@ -4,23 +4,29 @@ The same product in several sizes or colours makes a fake "negative" that is rea
 training masks items of one duplicate group from each other's negatives. Near-duplicates are
 found with MinHash over word shingles and LSH banding (candidate pairs), confirmed by the
 exact Jaccard similarity of word sets stripped of colour/size words, then merged with union-find; this stays near-linear in catalog size.
+
+Words come from `recsys.text_tokens` (the tokeniser BM25 uses too): words of spaced scripts,
+character bigrams of Chinese, Japanese, Korean and Thai runs. An item whose text yields no
+token at all (empty, only punctuation or symbols) is never grouped: an empty key says nothing.
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+import regex
 
-_WORD = re.compile(r"[a-z0-9]+")
+from recsys.text_tokens import normalize, segments, tokenize
+
 _PRIME = (1 << 61) - 1
 
 
 def normalize_text(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
+    """The exact-duplicate key: words and unspaced runs, case-folded, punctuation dropped."""
+    return " ".join(seg for seg, _ in segments(text))
 
 
 # Variant words: the same product in another colour or size must look the same.
@@ -31,9 +37,47 @@ _VARIANT = {
 }
 
 
+# The same for unspaced scripts, cut out of the run before it is split into bigrams (there
+# they are substrings, not tokens). Colour and size words stand alone; units count only after
+# a number ("42码", "3件装"), since as characters they also occur inside other words (密码, 服装).
+_CJK_COLOURS = (
+    # Chinese
+    "黑色 白色 灰色 深灰 浅灰 银色 金色 红色 酒红 玫红 蓝色 深蓝 浅蓝 天蓝 藏青色 藏青 绿色 军绿 墨绿 "
+    "黄色 粉色 粉红色 紫色 橙色 棕色 咖啡色 卡其色 米色 米白色 米白 香槟色 颜色 "
+    # Japanese
+    "ブラック ホワイト グレー グレイ シルバー ゴールド レッド ブルー ネイビー グリーン イエロー ピンク "
+    "パープル オレンジ ブラウン ベージュ カーキ カラー "
+    # Korean
+    "블랙 화이트 그레이 실버 골드 레드 블루 네이비 그린 옐로우 핑크 퍼플 오렌지 브라운 베이지 카키 "
+    "검정색 검정 흰색 회색 빨간색 빨강 파란색 파랑 초록색 노란색 분홍색 색상"
+).split()
+_CJK_SIZES = (
+    "均码 加大码 加大号 特大号 大号 中号 小号 尺码 尺寸 规格 "
+    "サイズ フリーサイズ 사이즈 프리사이즈"
+).split()
+_CJK_UNITS = (
+    "件装 只装 个装 包装 瓶装 盒装 袋装 片装 双装 码 号 件 个 只 双 瓶 盒 袋 片 包 套 张 支 寸 英寸 "
+    "厘米 毫米 毫升 升 千克 公斤 克 米 "
+    "個入り 個セット 個 枚入り 枚 本セット 本 足 袋 箱 セット "
+    "개입 개 매 켤레 장 팩 세트 호"
+).split()
+
+
+def _alternation(words: list[str]) -> str:
+    return "|".join(regex.escape(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+_CJK_VARIANT = regex.compile(
+    rf"\d+(?:\.\d+)?\s*(?:{_alternation(_CJK_UNITS)})|{_alternation(_CJK_COLOURS + _CJK_SIZES)}"
+)
+
+
 def _shingles(text: str) -> set[str]:
     """Word set without variant words and bare numbers (sizes, pack counts)."""
-    return {w for w in normalize_text(text).split() if w not in _VARIANT and not w.isdigit()}
+    t = normalize(text)
+    if not t.isascii():
+        t = _CJK_VARIANT.sub(" ", t)
+    return {w for w in tokenize(t) if w not in _VARIANT and not w.isdigit()}
 
 
 def _find(parent: np.ndarray, i: int) -> int:
@@ -61,6 +105,7 @@ def duplicate_groups(
 
     Exact duplicates (after lower-casing and punctuation removal) always group; other pairs
     group when the Jaccard similarity of their variant-stripped word sets is >= `threshold`.
+    Items with an empty key (no word at all) stay singletons.
     """
     n = len(item_ids)
     if len(texts) != n:
@@ -69,6 +114,8 @@ def duplicate_groups(
     first_by_text: dict[str, int] = {}
     for i, t in enumerate(texts):
         key = normalize_text(t)
+        if not key:
+            continue
         if key in first_by_text:
             _union(parent, first_by_text[key], i)
         else:

@@ -165,8 +165,13 @@ def search_examples(
     One example per (session, query, item) among positives that carry a query, with the
     strongest event's weight (and that event's time); history = the positives in the given
     events strictly before the first event of that (session, query), newest first (pass a
-    user's whole log to get the user's full history). Split by `cutoffs` on the positive's time
-    (train if none).
+    user's whole log to get the user's full history). Split by the source's own split in
+    `extra` if any, else by `cutoffs` on the event's time (train if none).
+
+    In the valid and test splits every JUDGED event (a relevance grade in `extra`, as Home
+    Depot's 1-3) gives an example whatever its weight: evaluation needs a query's irrelevant
+    judged items too (the re-rank protocol ranks all of them; gain = relevance - 1 can be 0).
+    Training examples stay positives only.
     """
     rows = _sorted_rows(session_events)
     runs = _positive_runs(rows, cfg)
@@ -178,11 +183,13 @@ def search_examples(
             continue
         first_seen.setdefault((r["session_id"], q), r["timestamp"])
         w = float(cfg.event_weights.get(r["event_type"], 0.0))
-        if w < cfg.min_positive_weight:
+        relevance = _relevance(r.get("extra"))
+        split = _given_split(r.get("extra")) or (cutoffs.split(r["timestamp"]) if cutoffs else "train")
+        if w < cfg.min_positive_weight and (relevance is None or split == "train"):
             continue
         key = (r["session_id"], q, r["item_id"])
         if key not in best or w > best[key]["weight"]:
-            best[key] = {"weight": w, "row": r}
+            best[key] = {"weight": w, "row": r, "relevance": relevance, "split": split}
     out: list[dict[str, Any]] = []
     for (session, q, item), b in best.items():
         r = b["row"]
@@ -197,8 +204,8 @@ def search_examples(
                 "item_id": item,
                 "weight": b["weight"],
                 "timestamp": r["timestamp"],
-                "relevance": _relevance(r.get("extra")),
-                "split": _given_split(r.get("extra")) or (cutoffs.split(r["timestamp"]) if cutoffs else "train"),
+                "relevance": b["relevance"],
+                "split": b["split"],
             }
         )
     return _table(out)

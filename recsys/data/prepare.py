@@ -4,7 +4,10 @@
 
 Events stream through Ray Data (read -> validate per batch -> group by user -> examples ->
 sharded parquet); only the catalog (small relative to logs) and per-item counts are gathered
-on the driver. Nothing is dropped: rows_in == rows_kept + rows_quarantined is checked here.
+on the driver. Nothing is dropped: the rows in the files are counted apart from the readers
+(recsys.data.io.count_rows: parquet footers, newlines, a separate CSV parse), and
+rows_in_files == rows_kept + rows_quarantined + blank_lines is checked here, for the events
+and the catalog; a mismatch raises RowAccountingError.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,7 @@ from recsys.data.examples import build_all_examples
 from recsys.data.text import render_item_text
 from recsys.data.validate import (
     DataQualityError,
+    RowAccountingError,
     check_quarantine_share,
     split_tagged,
     tag_events,
@@ -44,7 +49,7 @@ from recsys.schemas import (
     SPLITS,
 )
 
-__all__ = ["DataQualityError", "run"]
+__all__ = ["DataQualityError", "RowAccountingError", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +77,10 @@ def _load_real(src: str, data_dir: str) -> tuple[pa.Table, pa.Table]:
     return loader(sub if storage.exists(sub) else data_dir)
 
 
-def _materialize_source(cfg: Config) -> tuple[str, str, dict[str, Any]]:
-    """Put the configured source's raw files in storage; return (events_uri, catalog_uri, info)."""
+def _materialize_source(cfg: Config) -> tuple[io.Source, io.Source, dict[str, Any]]:
+    """Put the configured source's raw files in storage; return (events_uri, catalog_uri, info).
+
+    For data.source=files each URI is the configured file, folder, glob or list of them."""
     src = cfg.data.source
     raw_root = storage.join(cfg.storage.root, "raw")
     raw_events, raw_catalog = storage.join(raw_root, "events"), storage.join(raw_root, "catalog")
@@ -229,46 +236,72 @@ def _reason_counts(bad: pa.Table) -> dict[str, int]:
     return {str(x["values"]): int(x["counts"]) for x in vc}
 
 
+def _check_accounting(what: str, files: dict[str, int], kept: int, quarantined: int) -> None:
+    """The no-silent-drop invariant against the files' own count (blank lines are not rows)."""
+    if files["rows"] != kept + quarantined + files["blank_lines"]:
+        raise RowAccountingError(
+            f"row accounting broken for {what}: the {files['files']} file(s) hold {files['rows']} rows "
+            f"({files['blank_lines']} of them blank lines), but {kept} were kept and {quarantined} "
+            f"quarantined ({kept + quarantined + files['blank_lines'] - files['rows']:+d})"
+        )
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """The whole data job; returns the manifest (also written to paths.manifest(cfg))."""
     t0 = time.perf_counter()
-    ensure_ray()
+    ensure_ray(cfg=cfg)
     events_uri, catalog_uri, source_info = _materialize_source(cfg)
     data_dir = paths.data_dir(cfg)
     _clear(data_dir, cfg)
     qdir = paths.quarantine(cfg)
 
-    # Catalog: small relative to logs, validated and de-duplicated on the driver.
     # data.format describes a shop's own files; what this job wrote itself is told by extension.
-    fmt = cfg.data.format if cfg.data.source == "files" else "auto"
-    raw_catalog = io.read_catalog(catalog_uri, cfg.storage, fmt)
-    catalog, cat_bad = validate_catalog(raw_catalog, f"catalog at {catalog_uri}")
+    own = cfg.data.source == "files"
+    fmt = cfg.data.format if own else "auto"
+    ev_key = "data.events_uri" if own else f"data.source={cfg.data.source} (events written under storage.root)"
+    cat_key = "data.catalog_uri" if own else f"data.source={cfg.data.source} (catalog written under storage.root)"
+    ev_where, cat_where = f"events at {io.describe(events_uri)}", f"catalog at {io.describe(catalog_uri)}"
+    # A missing or empty source stops the job here, before any work.
+    io.list_data_files(events_uri, cfg.storage, fmt, ev_key)
+    # The files' own row counts: a second look at the same files, not through the readers,
+    # compared below with what the readers produced.
+    cat_files = io.count_rows(catalog_uri, cfg.storage, fmt, cat_key)
+
+    # Catalog: small relative to logs, validated and de-duplicated on the driver.
+    raw_catalog = io.read_catalog(catalog_uri, cfg.storage, fmt, key=cat_key)
+    catalog, cat_bad = validate_catalog(raw_catalog, cat_where)
     cat_in = catalog.num_rows + cat_bad.num_rows
+    _check_accounting(cat_where, cat_files, catalog.num_rows, cat_bad.num_rows)
     cat_reasons = _reason_counts(cat_bad)
     if cat_bad.num_rows:
         storage.write_parquet(cat_bad, storage.join(qdir, "catalog", "part-00000.parquet"), cfg.storage)
     check_quarantine_share(
-        cat_in, cat_reasons, _table_examples(cat_bad), cfg.data.max_quarantine_share,
-        f"catalog at {catalog_uri}",
+        cat_in, cat_reasons, _table_examples(cat_bad), cfg.data.max_quarantine_share, cat_where,
     )
     if catalog.num_rows == 0:
-        raise DataQualityError(f"catalog at {catalog_uri} has no valid rows")
+        raise DataQualityError(f"{cat_where} has no valid rows")
 
     # Events: streamed, validated once per batch, then split into clean and quarantined rows.
     known = pa.array(catalog.column("item_id").to_pylist(), pa.string())
-    raw_events = io.read_events(events_uri, cfg.storage, fmt, cfg.data.read_parallelism)
+    # The events' count runs beside the read (Ray tasks for text files, footers for parquet).
+    counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-rows")
+    ev_counting = counter.submit(io.count_rows, events_uri, cfg.storage, fmt, ev_key)
+    counter.shutdown(wait=False)
+    raw_events = io.read_events(events_uri, cfg.storage, fmt, cfg.data.read_parallelism, key=ev_key)
     # Tagging checks per batch that every row read comes out clean or quarantined, so the
-    # tagged count is the count of rows read (without reading the log a second time).
-    tagged = tag_events(raw_events, known, f"events at {events_uri}")
+    # tagged count is the count of rows read.
+    tagged = tag_events(raw_events, known, ev_where)
     clean, quarantined = split_tagged(tagged)
     clean = clean.materialize()
     quarantined = quarantined.materialize()
     rows_in, rows_kept, rows_bad = tagged.count(), clean.count(), quarantined.count()
     del tagged
-    if rows_in != rows_kept + rows_bad:  # the no-silent-drop invariant
-        raise RuntimeError(
-            f"row accounting broken: {rows_in} rows read != {rows_kept} kept + {rows_bad} quarantined"
+    if rows_in != rows_kept + rows_bad:
+        raise RowAccountingError(
+            f"row accounting broken for {ev_where}: {rows_in} rows read != {rows_kept} kept + {rows_bad} quarantined"
         )
+    ev_files = ev_counting.result()
+    _check_accounting(ev_where, ev_files, rows_kept, rows_bad)
     ev_reasons = {str(k[0]): v for k, v in _counts_by(quarantined, ["reason"]).items()}
     # Quarantine is written before the threshold check so a failed run can be inspected.
     if rows_bad:
@@ -276,7 +309,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if rows_in and rows_bad / rows_in > cfg.data.max_quarantine_share:
         check_quarantine_share(
             rows_in, ev_reasons, _examples_by_reason(quarantined, list(ev_reasons)),
-            cfg.data.max_quarantine_share, f"events at {events_uri}",
+            cfg.data.max_quarantine_share, ev_where,
         )
 
     # Examples: grouped by user and written per (kind, split) in the same pass, which also
@@ -342,10 +375,18 @@ def run(cfg: Config) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "source": {"type": cfg.data.source, "events_uri": events_uri, "catalog_uri": catalog_uri, **source_info},
         "counts": {
+            # rows_in_files (counted in the files) == rows_in (read) + blank_lines, and
+            # rows_in == rows_kept + rows_quarantined: both checked above.
+            "event_files": ev_files["files"],
+            "rows_in_files": ev_files["rows"],
+            "blank_lines": ev_files["blank_lines"],
             "rows_in": rows_in,
             "rows_kept": rows_kept,
             "rows_quarantined": rows_bad,
             "quarantined_by_reason": ev_reasons,
+            "catalog_files": cat_files["files"],
+            "catalog_rows_in_files": cat_files["rows"],
+            "catalog_blank_lines": cat_files["blank_lines"],
             "catalog_rows_in": cat_in,
             "catalog_rows_kept": catalog.num_rows,
             "catalog_rows_quarantined": cat_bad.num_rows,

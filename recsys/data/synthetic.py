@@ -7,6 +7,11 @@ the product they want (sometimes with a typo) and walk the view -> click -> add_
 purchase funnel; browse sessions do the same without a query. A small planted share of rows is
 malformed in every way the validator rejects. Events are written as JSONL shards (a common
 export format that can carry wrongly typed fields), the catalog as parquet.
+
+`data.synthetic_locale` picks the catalog's language: "en" (default) or "zh", the same shop
+with Chinese titles, brands, category paths, attributes and descriptions, written the way
+Chinese shops write them (no space between a feature and its noun), and Chinese queries
+(mostly typed without spaces).
 """
 
 from __future__ import annotations
@@ -79,6 +84,63 @@ CATEGORIES: dict[str, dict[str, list[str]]] = {
 }
 COLOURS = ["Black", "White", "Grey", "Blue", "Red", "Green", "Beige", "Navy"]
 SIZES = ["Small", "Medium", "Large", "XL"]
+
+# The same shop in Chinese: one entry per English category, in the same order.
+CATEGORIES_ZH: dict[str, dict[str, list[str]]] = {
+    "运动户外 > 跑步 > 跑鞋": {
+        "nouns": ["跑步鞋", "越野跑鞋", "竞速跑鞋", "健步鞋"],
+        "features": ["轻量", "缓震", "防水", "透气网面", "宽楦"],
+        "brands": ["迅跑", "峰线", "维乐"],
+    },
+    "家居 > 厨房 > 咖啡": {
+        "nouns": ["磨豆机", "意式咖啡机", "法压壶", "手冲壶", "奶泡机"],
+        "features": ["不锈钢", "可预约", "小巧", "玻璃", "电动"],
+        "brands": ["布鲁蒙", "咖乐", "晨光"],
+    },
+    "数码 > 影音 > 耳机": {
+        "nouns": ["无线耳机", "降噪耳机", "监听耳机", "运动耳机"],
+        "features": ["蓝牙5.3", "头戴式", "40小时续航", "可折叠", "防汗"],
+        "brands": ["声韵", "听联", "低音道"],
+    },
+    "户外 > 露营 > 帐篷": {
+        "nouns": ["圆顶帐篷", "徒步帐篷", "睡袋", "露营吊床", "天幕"],
+        "features": ["双人", "超轻", "四季", "防雨", "速开"],
+        "brands": ["营家", "北松", "大本营"],
+    },
+    "美妆 > 护肤 > 面部": {
+        "nouns": ["保湿面霜", "物理防晒霜", "维C精华", "温和洁面乳"],
+        "features": ["无香精", "补水", "清爽控油", "敏感肌适用", "纯素"],
+        "brands": ["德美", "纯悦", "光田"],
+    },
+    "五金工具 > 电动工具 > 电钻": {
+        "nouns": ["锂电钻", "冲击起子", "冲击钻", "直角电钻"],
+        "features": ["20V", "无刷", "迷你", "双速", "双电套装"],
+        "brands": ["扭力王", "筑匠", "伏特"],
+    },
+    "宠物 > 狗狗 > 狗窝": {
+        "nouns": ["记忆棉狗垫", "安抚甜甜圈窝", "行军床狗窝", "笼垫"],
+        "features": ["加厚", "可拆洗", "防滑", "防水内衬", "耐咬"],
+        "brands": ["爪乐", "汪福", "暖宝宠"],
+    },
+    "办公 > 家具 > 椅子": {
+        "nouns": ["人体工学椅", "网布办公椅", "电竞椅", "绘图凳"],
+        "features": ["腰部支撑", "可调扶手", "高背", "带头枕", "360度旋转"],
+        "brands": ["坐享", "正姿", "桌伴"],
+    },
+    "园艺 > 浇灌 > 水管": {
+        "nouns": ["伸缩水管", "渗灌水管", "水管卷盘车", "喷枪"],
+        "features": ["15米", "防缠绕", "黄铜接头", "轻便", "10种喷洒模式"],
+        "brands": ["绿流", "水绿", "庭院宝"],
+    },
+    "家纺 > 床品 > 床单": {
+        "nouns": ["纯棉四件套", "亚麻被套", "竹纤维枕套", "床笠"],
+        "features": ["400支", "凉感", "深口袋", "有机棉", "抗皱"],
+        "brands": ["梦织", "麻屋", "暖巢"],
+    },
+}
+COLOURS_ZH = ["黑色", "白色", "灰色", "蓝色", "红色", "绿色", "米色", "藏青色"]
+SIZES_ZH = ["小号", "中号", "大号", "加大号"]
+LOCALES = ("en", "zh")
 BAD_REASONS = ("missing_id", "unknown_event_type", "bad_timestamp", "unknown_item", "bad_encoding", "wrong_type")
 START = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
 DAYS = 60
@@ -91,29 +153,53 @@ def _typo(word: str, rng: np.random.Generator) -> str:
     return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
 
 
-def make_catalog(n_items: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+def check_locale(locale: str) -> str:
+    if locale not in LOCALES:
+        raise ValueError(f"data.synthetic_locale must be one of {', '.join(LOCALES)}, got {locale!r}")
+    return locale
+
+
+def _vocabulary(locale: str) -> tuple[dict[str, dict[str, list[str]]], list[str], list[str]]:
+    """(categories, colours, sizes) of the catalog's language."""
+    if check_locale(locale) == "zh":
+        return CATEGORIES_ZH, COLOURS_ZH, SIZES_ZH
+    return CATEGORIES, COLOURS, SIZES
+
+
+def make_catalog(n_items: int, rng: np.random.Generator, locale: str = "en") -> list[dict[str, Any]]:
+    categories, colour_names, size_names = _vocabulary(locale)
+    zh = locale == "zh"
     items: list[dict[str, Any]] = []
-    cats = list(CATEGORIES)
+    cats = list(categories)
     while len(items) < n_items:
         cat = cats[int(rng.integers(len(cats)))]
-        spec = CATEGORIES[cat]
+        spec = categories[cat]
         brand = spec["brands"][int(rng.integers(len(spec["brands"])))]
         noun = spec["nouns"][int(rng.integers(len(spec["nouns"])))]
         feats = list(rng.choice(spec["features"], size=2, replace=False))
-        base = f"{brand} {feats[0]} {noun}"
+        base = f"{brand} {feats[0]}{noun}" if zh else f"{brand} {feats[0]} {noun}"
         price = round(float(np.exp(rng.normal(3.5, 0.7))), 2)
-        desc = (
-            f"The {base.lower()} is {feats[0].lower()} and {feats[1].lower()}. "
-            f"Designed by {brand} for everyday use; rated highly in {cat.split(' > ')[-1].lower()}."
-        )
+        leaf = cat.split(" > ")[-1]
+        if zh:
+            desc = f"{brand}{noun}，{feats[0]}、{feats[1]}。{brand}出品，日常使用无压力，{leaf}类目好评热销。"
+        else:
+            desc = (
+                f"The {base.lower()} is {feats[0].lower()} and {feats[1].lower()}. "
+                f"Designed by {brand} for everyday use; rated highly in {leaf.lower()}."
+            )
         # ~30% of products come in several colours/sizes: near-duplicate catalog entries.
         n_var = int(rng.integers(2, 5)) if rng.random() < 0.3 else 1
-        colours = rng.choice(COLOURS, size=n_var, replace=False)
-        size = SIZES[int(rng.integers(len(SIZES)))]
+        colours = rng.choice(colour_names, size=n_var, replace=False)
+        size = size_names[int(rng.integers(len(size_names)))]
         for colour in colours:
             if len(items) >= n_items:
                 break
-            title = f"{base} - {colour}" + (f", {size}" if n_var > 1 else "")
+            if zh:
+                title = f"{base} {colour}" + (f" {size}" if n_var > 1 else "")
+                attrs = {"颜色": str(colour), "特点": feats[1], "尺码": size}
+            else:
+                title = f"{base} - {colour}" + (f", {size}" if n_var > 1 else "")
+                attrs = {"colour": str(colour), "feature": feats[1], "size": size}
             items.append(
                 {
                     "item_id": f"P{len(items):06d}",
@@ -122,10 +208,40 @@ def make_catalog(n_items: int, rng: np.random.Generator) -> list[dict[str, Any]]
                     "brand": brand,
                     "category": cat,
                     "price": price,
-                    "attributes": json.dumps({"colour": str(colour), "feature": feats[1], "size": size}),
+                    "attributes": json.dumps(attrs, ensure_ascii=False),
                 }
             )
     return items
+
+
+def _query_words(it: dict[str, Any], categories: dict[str, dict[str, list[str]]], rng: np.random.Generator) -> str:
+    """Words of the product a searcher wants: its noun, maybe a feature, brand or colour, and
+    sometimes a typo (swapped letters; swapped characters in Chinese)."""
+    if it["category"] in CATEGORIES_ZH:
+        named = it["title"].split()[1]  # feature and noun, written together
+        noun = max((n for n in categories[it["category"]]["nouns"] if named.endswith(n)), key=len)
+        feature = named[: -len(noun)]
+        words = [noun] if rng.random() < 0.6 else [feature, noun]
+        if rng.random() < 0.4:
+            words = [it["brand"], *words]
+        if rng.random() < 0.3:
+            words = [json.loads(it["attributes"])["颜色"], *words]
+        if rng.random() < 0.1 and len(words[-1]) >= 3:
+            w = words[-1]
+            i = int(rng.integers(len(w) - 1))
+            words[-1] = w[:i] + w[i + 1] + w[i] + w[i + 2 :]
+        # Chinese queries are mostly typed without spaces between words.
+        return "".join(words) if rng.random() < 0.7 else " ".join(words)
+    noun_words = it["title"].split(" - ")[0].split()
+    words = noun_words[-2:] if rng.random() < 0.6 else noun_words[-1:]
+    if rng.random() < 0.4:
+        words = [it["brand"].split()[0], *words]
+    if rng.random() < 0.3:
+        words = [json.loads(it["attributes"])["colour"], *words]
+    words = [w.lower() for w in words]
+    if rng.random() < 0.1:
+        words[-1] = _typo(words[-1], rng)
+    return " ".join(words)
 
 
 def _event(user: str, session: str, ts: dt.datetime, etype: str, item: str, query: str | None) -> dict[str, Any]:
@@ -140,19 +256,20 @@ def _event(user: str, session: str, ts: dt.datetime, etype: str, item: str, quer
 
 
 def make_events(items: list[dict[str, Any]], cfg: DataConfig, rng: np.random.Generator) -> list[dict[str, Any]]:
+    categories, _, _ = _vocabulary(cfg.synthetic_locale)
     n = len(items)
     # Zipf-like popularity over a random permutation of items.
     pop = 1.0 / np.arange(1, n + 1) ** 1.1
     pop = pop[rng.permutation(n)]
     by_cat: dict[str, np.ndarray] = {}
-    for cat in CATEGORIES:
+    for cat in categories:
         by_cat[cat] = np.array([i for i, it in enumerate(items) if it["category"] == cat], dtype=np.int64)
-    cats = [c for c in CATEGORIES if len(by_cat[c])]
+    cats = [c for c in categories if len(by_cat[c])]
     events: list[dict[str, Any]] = []
     for u in range(cfg.synthetic_users):
         user = f"U{u:05d}"
         likes = list(rng.choice(cats, size=min(2, len(cats)), replace=False))
-        fav_brand = CATEGORIES[likes[0]]["brands"][int(rng.integers(3))]
+        fav_brand = categories[likes[0]]["brands"][int(rng.integers(3))]
         n_sessions = 1 + int(rng.poisson(cfg.synthetic_sessions_per_user))
         times = sorted(START + dt.timedelta(seconds=float(s)) for s in rng.uniform(0, DAYS * 86400, n_sessions))
         for s, t0 in enumerate(times):
@@ -162,18 +279,7 @@ def make_events(items: list[dict[str, Any]], cfg: DataConfig, rng: np.random.Gen
             w = pop[cand] * np.array([3.0 if items[i]["brand"] == fav_brand else 1.0 for i in cand])
             target = int(rng.choice(cand, p=w / w.sum()))
             it = items[target]
-            query = None
-            if rng.random() < 0.6:
-                noun_words = it["title"].split(" - ")[0].split()
-                words = noun_words[-2:] if rng.random() < 0.6 else noun_words[-1:]
-                if rng.random() < 0.4:
-                    words = [it["brand"].split()[0], *words]
-                if rng.random() < 0.3:
-                    words = [json.loads(it["attributes"])["colour"], *words]
-                words = [w.lower() for w in words]
-                if rng.random() < 0.1:
-                    words[-1] = _typo(words[-1], rng)
-                query = " ".join(words)
+            query = _query_words(it, categories, rng) if rng.random() < 0.6 else None
             k = min(len(cand), 4)
             shown = [target, *[int(x) for x in rng.choice(cand, size=k, replace=False) if x != target]][:k]
             t = t0
@@ -222,8 +328,9 @@ def plant_bad_rows(events: list[dict[str, Any]], share: float, rng: np.random.Ge
 
 def generate_shop(cfg: DataConfig, out_uri: str, storage_cfg: StorageConfig) -> dict[str, Any]:
     """Write `{out_uri}/events/part-*.jsonl` and `{out_uri}/catalog/part-00000.parquet`."""
+    locale = check_locale(cfg.synthetic_locale)
     rng = np.random.default_rng(cfg.seed)
-    items = make_catalog(cfg.synthetic_items, rng)
+    items = make_catalog(cfg.synthetic_items, rng, locale)
     events = make_events(items, cfg, rng)
     bad = plant_bad_rows(events, cfg.synthetic_bad_row_share, rng)
     shards = max(1, cfg.synthetic_shards)
@@ -241,6 +348,7 @@ def generate_shop(cfg: DataConfig, out_uri: str, storage_cfg: StorageConfig) -> 
         "sessions": len({e["session_id"] for e in events if e.get("session_id")}),
         "bad_rows_planted": bad,
         "event_shards": shards,
+        "locale": locale,
     }
     log.info("synthetic shop written to %s: %s", out_uri, summary)
     return summary

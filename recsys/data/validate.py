@@ -8,13 +8,15 @@ already saw a wrongly typed field).
 
 Rows that pass become EVENTS_SCHEMA / CATALOG_SCHEMA rows; rows that fail become
 QUARANTINE_SCHEMA rows (source, reason, detail, raw JSON). `tag_event_batch` checks per batch
-that clean + quarantined == rows in, so nothing is dropped silently.
+that clean + quarantined == rows in; the data job checks the total against the files' own row
+count (recsys.data.io.count_rows), so nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +35,13 @@ MIN_TIME = dt.datetime(1990, 1, 1, tzinfo=dt.timezone.utc)
 _BAD_ID_CHARS = r"[\x00-\x1f\x7f\x{FFFD}]"
 _BAD_TEXT_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x{FFFD}]"
 _ISO = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?$"
-_EPOCH = r"^\d{9,13}(\.\d+)?$"
+# Epoch seconds or milliseconds: 9-13 digits, or a float as Arrow prints one (1.78e+12).
+_EPOCH = r"^(\d{9,13}(\.\d*)?|\d(\.\d+)?[eE]\+?\d{1,2})$"
+# Epoch values in [1e8, 1e11) are seconds (1973-5138), in [1e11, 1e13) milliseconds.
+_EPOCH_MIN, _EPOCH_MS, _EPOCH_MAX = 1e8, 1e11, 1e13
+# Largest number of seconds whose milliseconds fit in int64.
+_MAX_SECONDS = (2**63 - 1) // 1000
+_EPOCH_START = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ZONE = r"(Z|[+-]\d{2}:?\d{2})$"
 
 
@@ -41,10 +49,27 @@ class DataQualityError(RuntimeError):
     """Too large a share of the input was quarantined; the message names the worst reasons."""
 
 
+class RowAccountingError(RuntimeError):
+    """Rows were lost or invented between the files and the outputs (a bug, never bad data)."""
+
+
 def _col(batch: pa.Table, name: str) -> pa.ChunkedArray:
     if name in batch.column_names:
         return batch.column(name)
     return pa.chunked_array([pa.nulls(batch.num_rows, pa.string())])
+
+
+def _flag(batch: pa.Table, name: str) -> pa.ChunkedArray:
+    """A boolean reader flag (e.g. `_truncated`); all false where the reader set none."""
+    if name in batch.column_names:
+        return pc.fill_null(batch.column(name), False)
+    return pa.chunked_array([pa.array(np.zeros(batch.num_rows, dtype=bool))])
+
+
+def _as_text(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Timestamps as Arrow's text: Python's datetime cannot hold years before 1 or after 9999,
+    which a typed parquet timestamp can."""
+    return pc.cast(col, pa.string()) if pa.types.is_timestamp(col.type) else col
 
 
 def _first_reason(n: int, checks: Iterable[tuple[str, Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,14 +123,16 @@ def _parse_one_timestamp(value: str | None) -> int | None:
         return None
     s = value.strip()
     try:
-        if s.replace(".", "", 1).isdigit():
+        if re.match(_EPOCH, s):
             x = float(s)
-            secs = x / 1000 if x > 1e11 else x
-            return int(secs * 1000)
+            if not _EPOCH_MIN <= x < _EPOCH_MAX:
+                return None
+            return int(np.floor(round(x if x >= _EPOCH_MS else x * 1000, 3)))
         t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
         if t.tzinfo is None:
             t = t.replace(tzinfo=dt.timezone.utc)
-        return int(t.timestamp() * 1000)
+        # Integer arithmetic: float seconds * 1000 can land a millisecond low.
+        return (t - _EPOCH_START) // dt.timedelta(milliseconds=1)
     except (ValueError, OverflowError):
         return None
 
@@ -117,15 +144,40 @@ def _cast_or_none(col: pa.Array, to: pa.DataType) -> pa.Array | None:
         return None
 
 
+def timestamps_to_utc_ms(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Any Arrow timestamp (unit s, ms, us or ns; any zone or none) -> timestamp[ms, UTC].
+
+    Sub-millisecond parts are truncated on purpose (a "safe" cast refuses to drop them). Arrow
+    keeps zoned values as UTC instants, so a zone only relabels; values without a zone are
+    taken as UTC. Seconds too large for milliseconds (beyond +-292 million years) -> null.
+    """
+    if col.type.unit == "s":
+        secs = pc.cast(col, pa.int64())
+        fits = pc.and_(pc.greater_equal(secs, -_MAX_SECONDS), pc.less_equal(secs, _MAX_SECONDS))
+        col = pc.if_else(fits, col, pa.scalar(None, col.type))
+    return pc.cast(col, TS, safe=False)
+
+
+def _cast_iso(col: pa.Array, to: pa.DataType) -> pa.Array | None:
+    """ISO strings -> `to` (ms); strings with micro- or nanoseconds (Spark, Python's
+    isoformat) only parse as ns, then are truncated to ms. None: some value parses as neither."""
+    cast = _cast_or_none(col, to)
+    if cast is None:
+        ns = _cast_or_none(col, pa.timestamp("ns", to.tz))
+        cast = None if ns is None else pc.cast(ns, to, safe=False)
+    return cast
+
+
 def parse_timestamps(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Strings (ISO-8601 with or without zone, or epoch s/ms) -> timestamp[ms, UTC]; bad -> null.
+    """Strings (ISO-8601 with or without zone, or epoch s/ms) or typed timestamps ->
+    timestamp[ms, UTC]; bad -> null.
 
     Vectorised: each form is cast in one go; only a batch holding a string that looks right
     but does not parse (e.g. month 13) falls back to per-row parsing.
     """
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if pa.types.is_timestamp(col.type):
-        return pc.cast(col, TS)
+        return timestamps_to_utc_ms(col)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         col = pc.cast(col, pa.string())
     col = pc.utf8_trim_whitespace(col)
@@ -137,21 +189,22 @@ def parse_timestamps(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     parts: list[pa.Array] = []
     if pc.any(zoned).as_py():
         # "T" and " " separators both occur in exports; pyarrow's ISO cast wants "T".
-        cast = _cast_or_none(pc.if_else(zoned, col, null), TS)
+        cast = _cast_iso(pc.if_else(zoned, col, null), TS)
         if cast is None:
             return _parse_per_row(col)
         parts.append(cast)
     if pc.any(naive).as_py():
         # Times without a zone are taken as UTC.
-        cast = _cast_or_none(pc.if_else(naive, col, null), pa.timestamp("ms"))
+        cast = _cast_iso(pc.if_else(naive, col, null), pa.timestamp("ms"))
         if cast is None:
             return _parse_per_row(col)
         parts.append(pc.cast(pc.cast(cast, pa.int64()), TS))
     if pc.any(epoch).as_py():
         x = pc.cast(pc.if_else(epoch, col, null), pa.float64())
-        # Epoch values above 1e11 are milliseconds (1e11 s is the year 5138).
-        ms = pc.if_else(pc.greater(x, 1e11), x, pc.multiply(x, 1000.0))
-        parts.append(pc.cast(pc.cast(pc.floor(ms), pa.int64()), TS))
+        x = pc.if_else(pc.and_(pc.greater_equal(x, _EPOCH_MIN), pc.less(x, _EPOCH_MAX)), x, pa.scalar(None, pa.float64()))
+        ms = pc.if_else(pc.greater_equal(x, _EPOCH_MS), x, pc.multiply(x, 1000.0))
+        # Rounded to the microsecond first: 1780000000.123 s * 1000 is 1780000000122.9999...
+        parts.append(pc.cast(pc.cast(pc.floor(pc.round(ms, 3)), pa.int64()), TS))
     if not parts:
         return pa.nulls(len(col), TS)
     return pc.coalesce(*parts)
@@ -163,8 +216,15 @@ def _parse_per_row(col: pa.Array) -> pa.Array:
 
 
 def _raw_json(batch: pa.Table, mask: np.ndarray, columns: list[str]) -> list[str]:
-    rows = batch.filter(pa.array(mask)).select(columns).to_pylist()
-    return [json.dumps(r, default=str, ensure_ascii=False) for r in rows]
+    """The rejected rows as JSON objects; a row the reader could not split into fields
+    (`_raw`: an unparsable line) is its line, as a JSON string."""
+    picked = batch.filter(pa.array(mask))
+    rows = pa.table({c: _as_text(picked.column(c)) for c in columns}).to_pylist()
+    out = [json.dumps(r, default=str, ensure_ascii=False) for r in rows]
+    if "_raw" in picked.column_names:
+        lines = picked.column("_raw").to_pylist()
+        out = [r if line is None else json.dumps(line, ensure_ascii=False) for r, line in zip(out, lines, strict=True)]
+    return out
 
 
 def _quarantine(
@@ -195,8 +255,8 @@ def validate_event_batch(
 ) -> tuple[pa.Table, pa.Table]:
     """Split a raw events batch into (clean rows in EVENTS_SCHEMA, rejected rows in QUARANTINE_SCHEMA).
 
-    Reasons are checked in a fixed order and a row gets the first it fails: wrong_type,
-    bad_encoding, missing_id, unknown_event_type, bad_timestamp, unknown_item.
+    Reasons are checked in a fixed order and a row gets the first it fails: truncated_line,
+    wrong_type, bad_encoding, missing_id, unknown_event_type, bad_timestamp, unknown_item.
     """
     n = batch.num_rows
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -221,6 +281,7 @@ def validate_event_batch(
         return m
 
     checks: list[tuple[str, Any, Any]] = [
+        ("truncated_line", _flag(batch, "_truncated"), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("wrong_type", pc.is_valid(type_err), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("bad_encoding", enc_mask(), "invalid text encoding (control or U+FFFD characters)"),
         ("missing_id", missing_mask(), "user_id, session_id or item_id is missing"),
@@ -235,7 +296,7 @@ def validate_event_batch(
                 pc.is_null(ts),
                 pc.or_(pc.less(ts, pa.scalar(MIN_TIME, TS)), pc.greater(ts, max_time)),
             ),
-            lambda m: [f"timestamp={v!r}" for v in _col(batch, "timestamp").filter(pa.array(m)).to_pylist()],
+            lambda m: [f"timestamp={v!r}" for v in _as_text(_col(batch, "timestamp").filter(pa.array(m))).to_pylist()],
         ),
     ]
     if known is not None:
@@ -298,6 +359,7 @@ def validate_catalog_batch(batch: pa.Table, source: str = "") -> tuple[pa.Table,
         return m
 
     checks: list[tuple[str, Any, Any]] = [
+        ("truncated_line", _flag(batch, "_truncated"), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("wrong_type", pc.is_valid(type_err), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("wrong_type", pc.invert(price_ok), lambda m: [f"price={v!r} is not a number" for v in price_str.filter(pa.array(m)).to_pylist()]),
         ("wrong_type", pa.array(attrs_bad()), "attributes is not a JSON object"),

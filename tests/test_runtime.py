@@ -1,0 +1,74 @@
+"""What Ray workers are told about the Hugging Face Hub: offline only when the model is local."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys.config import load_config
+from recsys.runtime import hub_offline, worker_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(name: str):  # noqa: ANN202
+    return load_config(None, [f"model.name_or_path={name}"])
+
+
+def test_hub_id_is_not_forced_offline_and_local_models_are(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub = load_config(REPO / "jobs/configs/train_cluster.yaml")
+    assert hub.model.name_or_path == "BAAI/bge-base-en-v1.5"
+    assert "HF_HUB_OFFLINE" not in worker_env(hub)
+    assert "HF_HUB_OFFLINE" not in worker_env(None), "no config: nothing forced"
+    for local in ("bundled", "tiny-random", str(tmp_path)):
+        assert worker_env(_cfg(local))["HF_HUB_OFFLINE"] == "1", local
+
+
+def test_users_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert worker_env(_cfg("bundled"))["HF_HUB_OFFLINE"] == "0"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_offline(_cfg("BAAI/bge-base-en-v1.5")) == "1"
+
+
+@pytest.mark.ray
+def test_ray_workers_of_a_hub_id_run_can_reach_the_hub() -> None:
+    """The real thing: a fresh local cluster started for the cluster config's hub model; its
+    workers must not see HF_HUB_OFFLINE=1 (they did, for every model, before)."""
+    code = (
+        "import os, ray\n"
+        "from recsys.config import load_config\n"
+        "from recsys.runtime import ensure_ray\n"
+        "ensure_ray(num_cpus=1, cfg=load_config('jobs/configs/train_cluster.yaml'))\n"
+        "print('DRIVER', os.environ.get('HF_HUB_OFFLINE'))\n"
+        "print('WORKER', ray.get(ray.remote(lambda: os.environ.get('HF_HUB_OFFLINE')).remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DRIVER None" in r.stdout and "WORKER None" in r.stdout, r.stdout
+
+
+@pytest.mark.ray
+def test_workers_reach_this_clusters_state_api(ray_cluster: None) -> None:
+    """Ray Train's PlacementGroupCleaner asks the State API, from a worker, every second whether
+    the train controller lives. Without a dashboard on the local cluster every ask failed and
+    logged "Failed to query Ray Train Controller actor state" (84 times in a 2-minute tiny
+    training); with other Ray instances on the machine it asked the wrong one, or none."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def state_of(self, actor_id: str) -> str:
+            from ray.util.state import get_actor
+
+            return get_actor(actor_id, timeout=10).state
+
+    probe = Probe.remote()
+    assert ray.get(probe.state_of.remote(probe._actor_id.hex()), timeout=60) == "ALIVE"
+    ray.kill(probe)
