@@ -33,6 +33,12 @@ def _stopwords() -> frozenset[str]:
     return frozenset(STOPWORDS_EN)
 
 
+def _quiet_bm25s() -> None:
+    # bm25s sets its own logger to DEBUG at import, so every index build prints "Building index
+    # from tokens" whatever the application's log level; its warnings stay visible.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+
+
 def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
     """The tokens BM25 indexes and queries with (one list per text)."""
     stop = _stopwords()
@@ -51,6 +57,7 @@ class BM25Index:
     def build(cls, texts: Sequence[str], item_ids: Sequence[str] | None = None) -> BM25Index:
         import bm25s
 
+        _quiet_bm25s()
         if not texts:
             raise ValueError("BM25Index.build: no texts to index")
         if item_ids is not None and len(item_ids) != len(texts):
@@ -89,6 +96,7 @@ class BM25Index:
     def load(cls, directory: str | Path) -> BM25Index:
         import bm25s
 
+        _quiet_bm25s()
         d = Path(directory)
         meta_path = d / META_FILE
         if not meta_path.exists():

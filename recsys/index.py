@@ -105,9 +105,12 @@ def load_index(uri: str, cfg: StorageConfig | None = None, model_id: str | None 
     """Load a saved index; with `model_id`, refuse one built by any other model (IndexModelMismatch)."""
     if model_id is not None:  # before downloading the embeddings
         check_model(index_model_id(uri, cfg), model_id, uri)
-    local = storage.download_dir(uri, tempfile.mkdtemp(prefix="recsys-index-"), cfg)
-    meta = json.loads((Path(local) / INDEX_META).read_text())
-    index = Index(np.load(Path(local) / "embeddings.npy"), meta["ids"], meta["kind"], model_id=str(meta.get("model_id") or ""))
+    # The arrays are read into memory, so the downloaded copy need not outlive this call.
+    with tempfile.TemporaryDirectory(prefix="recsys-index-") as tmp:
+        local = storage.download_dir(uri, tmp, cfg)
+        meta = json.loads((Path(local) / INDEX_META).read_text())
+        emb = np.load(Path(local) / "embeddings.npy")
+    index = Index(emb, meta["ids"], meta["kind"], model_id=str(meta.get("model_id") or ""))
     if model_id is not None:
         check_model(index.model_id, model_id, uri)  # the index may have been replaced meanwhile
     return index
