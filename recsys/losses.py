@@ -116,8 +116,9 @@ def sampled_softmax_loss(
     per_row = F.cross_entropy(logits, labels, reduction="none")  # (batch,)
     w = torch.ones_like(per_row) if weights is None else weights.to(per_row.dtype)  # (batch,)
     total = w.sum()
-    if distributed:
-        # The global weight sum (weights carry no gradient): each rank's share of the global mean.
+    if world > 1:
+        # The global weight sum (weights carry no gradient): each rank's share of the global mean,
+        # also without gathered negatives (DeepSpeed/DDP still average the ranks' gradients).
         total = total.detach().clone()
         dist.all_reduce(total)
         total = total / world

@@ -155,7 +155,10 @@ def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Confi
     if n_hard > 0:
         # Drawn from the batch's own content, so a resumed run mines what the uninterrupted one did.
         rng = np.random.default_rng([cfg.train.seed, int(items.keys[pos].sum() & 0x7FFFFFFF)])
-        hard = items.hard_negative_rows(pos, hist_rows, n_hard, rng)  # (batch, n)
+        # The batch's other positives of a row's user / query are accidental hits too.
+        same = [np.concatenate([hist_rows[i], pos[(groups == groups[i]) & (np.arange(len(pos)) != i)]])
+                for i in range(len(pos))]
+        hard = items.hard_negative_rows(pos, same, n_hard, rng)  # (batch, n)
         h = item_tokens(hard.reshape(-1))
         extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
         extra["h_logq"] = items.logq[hard]  # (batch, n)
@@ -309,6 +312,18 @@ def _lr_lambda(warmup: int, total: int):  # noqa: ANN202
     return f
 
 
+def _global_mean(loss: torch.Tensor, world: int) -> float:
+    """The global batch's loss: each rank's loss is its share of the global weighted mean
+    (scaled by the world size, see recsys.losses), so the mean over ranks is the loss itself."""
+    value = loss.detach().float().clone()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
 def _all_ranks_digest(digest: bytes, device: Any) -> str:
     """Hex digest over every rank's 8-byte digest (rank order), gathered from all ranks."""
     import torch.distributed as dist
@@ -438,7 +453,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = engine(b)
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss.detach().float()))
+            losses.append(_global_mean(loss, world))
             examples_since += t.batch_size * world
             if engine.micro_steps % t.grad_accum:  # mid-accumulation: no optimizer step yet
                 t_fetch = time.perf_counter()
@@ -502,9 +517,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _ingest_options() -> Any:
+    """Train's default ingest options (the DataContext's resource limits and progress setting)
+    with preserve_order on. `exclude_resources` is left out: deprecated in Ray 2.60, and copying
+    it warns on every run."""
     from ray.data import ExecutionOptions
+    from ray.data.context import DataContext
 
-    return ExecutionOptions(preserve_order=True)
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits, verbose_progress=current.verbose_progress, preserve_order=True
+    )
 
 
 def run(cfg: Config) -> dict[str, Any]:
