@@ -373,3 +373,20 @@ class TextEncoder:
     def encode_items(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         texts = [self.item_prefix + t for t in texts]
         return self._encode(self.item_model, texts, self.max_item_tokens, batch_size)
+
+
+def open_encoder(uri: str, cfg: Any = None) -> TextEncoder:
+    """TextEncoder over the model at a local path or object-store URI. A remote model is
+    downloaded, loaded and its copy deleted (weights and tokenizer live in memory after the
+    load; a plain model's identity is hashed while the files are there), so a replica that swaps
+    models many times does not fill its disk with old copies."""
+    from recsys import storage
+
+    if not storage.is_remote(uri):
+        encoder = TextEncoder(uri)
+        _ = encoder.model_id  # computed now, as for the copy below
+        return encoder
+    with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
+        encoder = TextEncoder(str(storage.download_dir(uri, tmp, cfg)))
+        _ = encoder.model_id
+    return encoder

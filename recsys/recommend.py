@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -236,20 +235,6 @@ def shop_users(cfg: Config) -> pa.Table | None:
 # ---- the ranking actor ------------------------------------------------------------------------
 
 
-def _load_encoder(uri: str, cfg: StorageConfig) -> Any:
-    """TextEncoder over the model at a local path or URI (downloaded, loaded, then deleted)."""
-    from recsys.encoder import TextEncoder
-
-    if not storage.is_remote(uri):
-        encoder = TextEncoder(uri)
-        _ = encoder.model_id  # computed now for a plain model, like the copy's below
-        return encoder
-    with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
-        encoder = TextEncoder(str(storage.download_dir(uri, tmp, cfg)))
-        _ = encoder.model_id  # while the files are there (a plain model's is hashed from them)
-    return encoder
-
-
 class Ranker:
     """One actor's state: the encoder, the catalog (embeddings from the saved index, in catalog
     order, with the filters applied once) and the shop's users. Called on REQUEST_SCHEMA batches
@@ -257,6 +242,7 @@ class Ranker:
     in-process (the benchmark's baseline, tests)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        from recsys.encoder import open_encoder
         from recsys.index import load_index
         from recsys.retrieval import FilterFields, align_embeddings, filter_mask
 
@@ -264,7 +250,7 @@ class Ranker:
         self.k = int(spec["k"])
         self.exclude_history = bool(spec["exclude_history"])
         self.encode_batch_size = int(spec["encode_batch_size"])
-        self.encoder = _load_encoder(spec["model_uri"], scfg)
+        self.encoder = open_encoder(spec["model_uri"], scfg)
         self.model_id = self.encoder.model_id
         if spec.get("model_id") and self.model_id != spec["model_id"]:
             raise RuntimeError(f"the model at {spec['model_uri']} is now {self.model_id}, the job started with {spec['model_id']}: it was re-exported meanwhile; run again")

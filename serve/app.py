@@ -20,7 +20,6 @@ import collections
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from typing import Any, Literal
 
@@ -65,12 +64,11 @@ def _storage_cfg(args: AppArgs) -> Any:
     return StorageConfig(s3_endpoint=args.s3_endpoint, s3_access_key=args.s3_access_key, s3_secret_key=args.s3_secret_key)
 
 
-def _local_model(args: AppArgs, model_uri: str) -> str:
-    from recsys import storage
+def _open_encoder(args: AppArgs, model_uri: str) -> Any:
+    from recsys.encoder import open_encoder
 
-    if storage.is_remote(model_uri):
-        return str(storage.download_dir(model_uri, tempfile.mkdtemp(prefix="recsys-model-"), _storage_cfg(args)))
-    return model_uri
+    # A remote model's downloaded copy is deleted once loaded: swaps do not fill the disk.
+    return open_encoder(model_uri, _storage_cfg(args))
 
 
 # What a new checkpoint or catalog changes. They reach the replicas through user_config and are
@@ -114,8 +112,6 @@ class Encoder:
         self.model_id = ""
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from recsys.encoder import TextEncoder
-
         if "max_batch_size" in user_config:
             self.encode_batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
@@ -130,7 +126,7 @@ class Encoder:
         if (uri, model_id) != (self.model_uri, self.model_id):
             t = time.perf_counter()
             # Loaded off the event loop: requests keep being served by the current model meanwhile.
-            encoder = await asyncio.to_thread(lambda: TextEncoder(_local_model(self.args, uri)))
+            encoder = await asyncio.to_thread(_open_encoder, self.args, uri)
             if encoder.model_id != model_id:
                 raise ValueError(f"the model at {uri} changed while loading ({model_id} -> {encoder.model_id}): deploy again")
             self.encoder, self.model_uri, self.model_id = encoder, uri, encoder.model_id
@@ -179,7 +175,6 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
     import pyarrow.parquet as pq
 
     from recsys import storage
-    from recsys.encoder import TextEncoder
     from recsys.retrieval import FilterFields, align_embeddings
 
     fs, path = storage.filesystem(items_uri, _storage_cfg(a))
@@ -196,7 +191,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         emb = align_embeddings(idx.ids, idx.emb, ids, index_uri)
         log.info("loaded the index for %d items in %.1fs", len(ids), time.perf_counter() - t)
     else:
-        encoder = TextEncoder(_local_model(a, model_uri))
+        encoder = _open_encoder(a, model_uri)
         if model_id and encoder.model_id != model_id:
             raise ValueError(f"the model at {model_uri} changed while loading ({model_id} -> {encoder.model_id}): deploy again")
         model_id = encoder.model_id

@@ -143,3 +143,23 @@ def test_export_refuses_to_replace_a_folder_that_is_not_an_export(tiny_model, tm
     with pytest.raises(FileExistsError, match="recsys_model.json"):
         _export(tiny_model, str(mine))
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_remote_model_opens_without_leaving_its_download(tiny_model, s3_storage, tmp_path, monkeypatch) -> None:
+    """Serve replicas and the batch job open models from s3://: the copy is deleted once
+    loaded (a replica that swapped N times used to keep N copies on disk)."""
+    import tempfile
+
+    from recsys import storage
+    from recsys.encoder import model_id_at, open_encoder
+
+    uri = storage.join(s3_storage.root, "plain-model")
+    storage.upload_dir(tiny_model, uri, s3_storage)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    enc = open_encoder(uri, s3_storage)
+    assert list(scratch.iterdir()) == []
+    ref = TextEncoder(tiny_model)
+    np.testing.assert_allclose(enc.encode_items(["red tent"]), ref.encode_items(["red tent"]), atol=1e-6)
+    assert enc.model_id == ref.model_id == model_id_at(uri, s3_storage)
