@@ -27,8 +27,6 @@ from recsys.config import Config, load_config
 log = logging.getLogger("bench.ab_train")
 
 STAGES = ("prepare", "train", "evaluate", "compare")
-# Summary fields holding paths: recorded relative to storage.root (the reports are committed).
-_PATH_KEYS = ("export", "checkpoint", "metrics_file")
 
 
 def _cfg(args: argparse.Namespace, arm: str | None) -> Config:
@@ -69,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "train" in stages:
             from recsys import train
 
-            res = train.run(cfg)
-            out[f"train_{arm}"] = {k: paths.relative(cfg, v) if k in _PATH_KEYS and isinstance(v, str) else v
-                                   for k, v in res.items()}
+            out[f"train_{arm}"] = paths.relative_all(train.run(cfg), cfg)
         if "evaluate" in stages:
             from recsys import evaluate
 

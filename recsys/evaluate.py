@@ -341,18 +341,6 @@ def per_query_table(per_query: dict[str, dict[str, dict[str, np.ndarray]]], keys
     return pa.concat_tables(parts)
 
 
-def _relative_paths(obj: Any, cfg: Config) -> Any:
-    """Every string in a report naming a path under storage.root, made relative to it."""
-    root = cfg.storage.root.rstrip("/")
-    if isinstance(obj, dict):
-        return {k: _relative_paths(v, cfg) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_relative_paths(v, cfg) for v in obj]
-    if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
-        return paths.relative(cfg, obj)
-    return obj
-
-
 class _Progress:
     """One progress display per long step: a tqdm bar on a terminal; elsewhere (job logs, files)
     a log line with the estimate of time left every `every_s` seconds and one at the end."""
@@ -540,7 +528,7 @@ def run(cfg: Config) -> dict[str, Any]:
     settings["checkpoint"] = paths.relative(cfg, settings["checkpoint"])
     report = {"metrics": metrics, "significance": comparisons, "settings": settings, "timings": timings,
               "per_query": PER_QUERY_FILE, "paths": "relative to storage.root"}
-    storage.write_json(storage.join(out, "report.json"), _relative_paths(report, cfg), cfg.storage)
+    storage.write_json(storage.join(out, "report.json"), paths.relative_all(report, cfg), cfg.storage)
     storage.write_bytes(storage.join(out, "report.md"), report_md.encode(), cfg.storage)
     if per_query:
         storage.write_parquet(per_query_table(per_query, keys), storage.join(out, PER_QUERY_FILE), cfg.storage)

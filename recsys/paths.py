@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from recsys.config import Config
 from recsys.storage import is_remote, join
@@ -103,3 +104,16 @@ def relative(cfg: Config, uri: str) -> str:
     if is_remote(uri):
         return uri
     return os.path.relpath(target, root if not is_remote(root) else os.getcwd())
+
+
+def relative_all(obj: Any, cfg: Config) -> Any:
+    """Every string in a record (nested dicts and lists) naming a path under storage.root, made
+    relative to it (see `relative`): for reports and summaries that are committed."""
+    root = cfg.storage.root.rstrip("/")
+    if isinstance(obj, dict):
+        return {k: relative_all(v, cfg) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relative_all(v, cfg) for v in obj]
+    if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
+        return relative(cfg, obj)
+    return obj

@@ -312,10 +312,11 @@ def _lr_lambda(warmup: int, total: int):  # noqa: ANN202
     return f
 
 
-def _global_mean(loss: torch.Tensor, world: int) -> float:
-    """The global batch's loss: each rank's loss is its share of the global weighted mean
-    (scaled by the world size, see recsys.losses), so the mean over ranks is the loss itself."""
-    value = loss.detach().float().clone()
+def _global_mean(local: float, world: int, device: Any) -> float:
+    """The global batch's loss from this rank's mean loss since the last row: each rank's loss is
+    its share of the global weighted mean (scaled by the world size, see recsys.losses), so the
+    mean over ranks is the loss itself."""
+    value = torch.tensor(local, dtype=torch.float32, device=device)
     if world > 1:
         import torch.distributed as dist
 
@@ -453,7 +454,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = engine(b)
             engine.backward(loss)
             engine.step()
-            losses.append(_global_mean(loss, world))
+            losses.append(float(loss.detach().float()))
             examples_since += t.batch_size * world
             if engine.micro_steps % t.grad_accum:  # mid-accumulation: no optimizer step yet
                 t_fetch = time.perf_counter()
@@ -463,7 +464,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 now = time.perf_counter()
                 row = {
                     "step": step,
-                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                    # One collective per logged row, not per micro-step.
+                    "loss": _global_mean(float(np.mean(losses)) if losses else float("nan"), world, device),
                     "lr": float(engine.get_lr()[0]),
                     "examples_per_s": examples_since / max(now - t_last, 1e-9),
                     "data_wait_s": t_wait,

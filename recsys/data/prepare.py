@@ -54,14 +54,6 @@ __all__ = ["DataQualityError", "RowAccountingError", "run"]
 log = logging.getLogger(__name__)
 
 
-def _clear(uri: str, cfg: Config) -> None:
-    fs, path = storage.filesystem(uri, cfg.storage)
-    try:
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-    except (FileNotFoundError, OSError):
-        pass
-
-
 def _write_ds(ds: ray.data.Dataset, uri: str, cfg: Config) -> None:
     fs, path = storage.filesystem(uri, cfg.storage)
     # A directory marker object makes rclone (and some S3 stores) refuse writes beneath it.
@@ -91,12 +83,12 @@ def _materialize_source(cfg: Config) -> tuple[io.Source, io.Source, dict[str, An
     if src == "synthetic":
         from recsys.data.synthetic import generate_shop
 
-        _clear(raw_root, cfg)
+        storage.clear_dir(raw_root, cfg.storage)
         info = generate_shop(cfg.data, raw_root, cfg.storage)
         return raw_events, raw_catalog, {"synthetic": info}
     if src in ("amazon", "homedepot"):
         events, catalog = _load_real(src, cfg.data.real_data_dir)
-        _clear(raw_root, cfg)
+        storage.clear_dir(raw_root, cfg.storage)
         # Written as shards so the read below is the same sharded, streaming read as any shop's.
         shards = max(1, cfg.data.synthetic_shards)
         per = max(1, (events.num_rows + shards - 1) // shards)
@@ -252,7 +244,7 @@ def run(cfg: Config) -> dict[str, Any]:
     ensure_ray(cfg=cfg)
     events_uri, catalog_uri, source_info = _materialize_source(cfg)
     data_dir = paths.data_dir(cfg)
-    _clear(data_dir, cfg)
+    storage.clear_dir(data_dir, cfg.storage)
     qdir = paths.quarantine(cfg)
 
     # data.format describes a shop's own files; what this job wrote itself is told by extension.
