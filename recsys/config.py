@@ -154,6 +154,13 @@ class ModelConfig(_Section):
     # Optional prefixes some encoders expect (e5: "query: " / "passage: ").
     query_prefix: str = ""
     item_prefix: str = ""
+    # The user tower for next-item: "text" (the history rendered as one text through the query
+    # encoder) or "sequence" (a small transformer over the history's item embeddings; see the
+    # `sequence` section). Search always uses the text query tower.
+    user_tower: Literal["text", "sequence"] = "text"
+    # Sequence tower only: a learnt ID embedding per item seen in training, added to the item's
+    # adapted text embedding. Items unseen in training (cold start) lack one and rank by text.
+    item_id_embeddings: bool = False
 
 
 class TrainConfig(_Section):
@@ -215,6 +222,51 @@ class TrainConfig(_Section):
                 f"hard_negatives ({self.hard_negatives}) are drawn from the best hard_negative_pool "
                 f"({self.hard_negative_pool}) neighbours: need hard_negatives <= hard_negative_pool"
             )
+        return self
+
+
+class SequenceConfig(_Section):
+    """The sequence user tower (model.user_tower=sequence) and its training, over the item tower's
+    frozen catalog embeddings. Defaults chosen on Amazon Scientific's validation split
+    (bench/sequence_sweep.py; docs/results.md)."""
+
+    # The frozen item tower whose catalog embeddings the sequence tower reads: "base" (the
+    # pretrained model.name_or_path) or "fine_tuned" (train.* fine-tunes the text towers first,
+    # as for user_tower=text; search then uses that fine-tuned tower too).
+    item_tower: Literal["base", "fine_tuned"] = "base"
+    dim: PositiveInt = 300
+    layers: PositiveInt = 2
+    heads: PositiveInt = 2
+    ffn_dim: PositiveInt = 256
+    dropout: Fraction = 0.5
+    # "bidirectional" (every history item sees every other) or "causal" (older items only).
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    max_len: PositiveInt = 50
+    # Item vector = adaptor(text embedding): "moe" (UniSRec's whitening mixture of experts),
+    # "linear", or "none" (the text embedding itself; needs dim == its dim).
+    adaptor: Literal["moe", "linear", "none"] = "moe"
+    experts: PositiveInt = 8
+    adaptor_dropout: Fraction = 0.2
+    item_ids: bool = False  # set from model.item_id_embeddings
+    temperature: float = Field(0.07, gt=0)
+    # Softmax over the whole catalog while it has at most this many items, else in-batch sampled
+    # softmax with logQ correction (train.* masking rules apply to both).
+    full_softmax_max_items: int = Field(2_000_000, ge=0)
+    mask_history: bool = False
+    batch_size: PositiveInt = 1024
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_epochs: PositiveInt = 100
+    # Stop after this many epochs without a better validation NDCG@10 and keep the best epoch.
+    patience: PositiveInt = 5
+    num_workers: PositiveInt = 1
+    cpus_per_worker: float = Field(2.0, gt=0)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> SequenceConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         return self
 
 
@@ -331,9 +383,16 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     recommend: RecommendConfig = Field(default_factory=RecommendConfig)
+
+    @model_validator(mode="after")
+    def _sequence_needs_next_item(self) -> Config:
+        if self.model.user_tower == "sequence" and self.train.task == "search":
+            raise ValueError("model.user_tower=sequence models next-item histories, but train.task is 'search': use next_item or both")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

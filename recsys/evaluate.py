@@ -27,6 +27,7 @@ from recsys.config import Config, to_dict
 from recsys.encoder import RECSYS_META, TextEncoder, model_id_at, render_user_text
 from recsys.index import build_index
 from recsys.metrics import average, per_query_metrics
+from recsys.sequence import SequenceModel, has_sequence_tower, load_sequence_tower
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,21 @@ def pooled_history(histories: list[list[str]], item_ids: list[str], emb: np.ndar
     return out
 
 
+def rank_with_sequence_tower(
+    model: SequenceModel, histories: list[list[str]], text_emb: np.ndarray, item_ids: list[str], k: int,
+    exclude: list[set[str]] | None,
+) -> list[list[str]]:
+    """Full-catalog top-k by the sequence tower over the catalog's text embeddings; histories
+    newest first (items missing from the catalog are left out)."""
+    pos = {i: n for n, i in enumerate(item_ids)}
+    rows = [[pos[h] for h in hist if h in pos] for hist in histories]
+    index = build_index(model.item_vectors(text_emb, item_ids), item_ids, "exact")
+    out: list[list[str]] = []
+    for sl in _chunks(len(rows), 2048):
+        out += index.search(model.encode_users(rows[sl], text_emb, item_ids), k, exclude[sl] if exclude else None)[1]
+    return out
+
+
 def _query_texts(queries: list[dict[str, Any]], text_of: dict[str, str], n_hist: int) -> list[str]:
     return [render_user_text(q["query"], [text_of[h] for h in q["history"] if h in text_of], n_hist) for q in queries]
 
@@ -252,7 +268,9 @@ def markdown_table(metrics: dict[str, dict[str, float]], names: Sequence[str]) -
 
 
 # Systems every other one is compared with (report.json "significance"), weakest first.
-BASELINES = ("popularity", "bm25", "zero_shot")
+# `text_tower`: a sequence export's own text user tower (the history as one text), beside the
+# sequence tower that `fine_tuned` then names for next-item.
+BASELINES = ("popularity", "bm25", "zero_shot", "text_tower")
 TASK_ORDER = ("next_item", "search", "search_rerank")
 
 
@@ -442,6 +460,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     item_emb: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
+    # An export with a sequence user tower ranks next-item with it (as it is served).
+    sequence_towers = {n: load_sequence_tower(p) for n, p in encoders.items() if n == "fine_tuned" and has_sequence_tower(p)}
     for name, path in encoders.items():
         t = time.perf_counter()
         if name == "fine_tuned":
@@ -488,8 +508,15 @@ def run(cfg: Config) -> dict[str, Any]:
                 ranked += index.search(q_parts[-1], kmax, exclude[sl] if exclude else None)[1]
                 bar.update(sl.stop - sl.start)
             bar.close()
-            rankings[name] = ranked
             q_embs[name] = np.concatenate(q_parts) if q_parts else np.zeros((0, enc.dim), dtype=np.float32)
+            seq = sequence_towers.get(name) if kind == "next_item" else None
+            if seq is None:
+                rankings[name] = ranked
+            else:
+                if enc.meta.get("sequence_item_tower") == "fine_tuned":  # else the text tower is zero_shot's
+                    rankings["text_tower"] = ranked
+                rankings[name] = rank_with_sequence_tower(seq, [q["history"] for q in queries], item_emb[name],
+                                                          items.column("item_id").to_pylist(), kmax, exclude)
             if kind == "next_item" and e.history_pool_items > 0:
                 pooled = pooled_history([q["history"] for q in queries], items.column("item_id").to_pylist(),
                                         item_emb[name], e.history_pool_items, e.history_pool_decay)

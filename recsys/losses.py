@@ -181,3 +181,39 @@ class SampledSoftmaxLoss(nn.Module):
             hard_logq=hard_logq,
             gather=self.gather,
         )
+
+
+def full_softmax_loss(
+    u: torch.Tensor,  # (batch, dim) user embeddings
+    items: torch.Tensor,  # (catalog, dim) every catalog item's embedding
+    targets: torch.Tensor,  # (batch,) int64 catalog row of each row's next item
+    temperature: float | torch.Tensor,
+    masked: torch.Tensor | None = None,  # (batch, M) int64 catalog rows that are not negatives, -1 pad
+    dup_rows: torch.Tensor | None = None,  # (catalog,) int64 duplicate group of each catalog row
+    weights: torch.Tensor | None = None,  # (batch,) example weights
+) -> torch.Tensor:
+    """Softmax over the whole catalog (no sampling, so no logQ correction).
+
+    Accidental hits as in `sampled_softmax_loss`: the rows in `masked` (the row's history) and
+    the target's near-duplicates (same `dup_rows` group) are not negatives; the target itself
+    always stays the label. Each rank's loss is its share of the global weighted mean, as above.
+    """
+    logits = u.float() @ items.float().T / temperature  # (batch, catalog), fp32
+    b = logits.shape[0]
+    rows = torch.arange(b, device=u.device)  # (batch,)
+    block = torch.zeros_like(logits, dtype=torch.bool)  # (batch, catalog) True = not a negative
+    if masked is not None and masked.numel():
+        valid = masked >= 0  # (batch, M)
+        block[rows.unsqueeze(1).expand_as(masked)[valid], masked[valid]] = True
+    if dup_rows is not None:
+        block |= dup_rows.unsqueeze(0) == dup_rows[targets].unsqueeze(1)  # (batch, catalog)
+    block[rows, targets] = False
+    logits = logits.masked_fill(block, _MASK_VALUE)
+    per_row = F.cross_entropy(logits, targets, reduction="none")  # (batch,)
+    w = torch.ones_like(per_row) if weights is None else weights.to(per_row.dtype)
+    _, world = _world()
+    total = w.sum().detach()
+    if world > 1:
+        dist.all_reduce(total)
+        total = total / world
+    return (per_row * w).sum() / total.clamp(min=1e-12)

@@ -532,6 +532,17 @@ def _ingest_options() -> Any:
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    """The train stage: the text towers (user_tower=text, or the item tower the sequence tower
+    will read, sequence.item_tower=fine_tuned), then the sequence tower (user_tower=sequence)."""
+    if cfg.model.user_tower == "text":
+        return run_text(cfg)
+    from recsys import train_sequence
+
+    text = run_text(cfg) if cfg.sequence.item_tower == "fine_tuned" else None
+    return {**train_sequence.run(cfg), **({"text_stage": text} if text else {})}
+
+
+def run_text(cfg: Config) -> dict[str, Any]:
     """Fine-tune on the prepared examples; returns the final metrics and the export location."""
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig

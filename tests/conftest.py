@@ -76,3 +76,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# A small sequence user tower (recsys.sequence): every settings key its constructor reads.
+TINY_SEQUENCE = {
+    "dim": 16, "layers": 1, "heads": 2, "ffn_dim": 32, "dropout": 0.0, "attention": "bidirectional", "max_len": 8,
+    "adaptor": "moe", "experts": 2, "adaptor_dropout": 0.0, "item_ids": True,
+}
+
+
+@pytest.fixture(scope="session")
+def attach_random_tower():
+    """attach(export_dir, item_ids, seed=0) -> model_id: a randomly initialised sequence tower
+    attached to a local export (every item but the last gets an ID embedding: one cold item)."""
+    import torch
+
+    from recsys.encoder import TextEncoder
+    from recsys.sequence import SequenceTower, attach_sequence_tower
+
+    def attach(export_dir: str | Path, item_ids: list[str], seed: int = 0, **settings: object) -> str:
+        torch.manual_seed(seed)
+        with_ids = list(item_ids)[:-1]
+        tower = SequenceTower({**TINY_SEQUENCE, **settings}, TextEncoder(str(export_dir)).dim, len(with_ids))
+        return attach_sequence_tower(export_dir, tower, {i: n + 1 for n, i in enumerate(with_ids)})
+
+    return attach

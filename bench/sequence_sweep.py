@@ -1,0 +1,92 @@
+"""Sequence-tower settings sweep on prepared next-item data (plain torch, one process).
+
+Chooses `sequence.*` defaults on the VALIDATION split over frozen catalog embeddings, and prints
+the test split for the chosen one next to the pooled-history baseline, as ratios, in one run.
+Run the prepare job first (e.g. jobs/configs/train_amazon.yaml), then:
+
+    python -m bench.sequence_sweep --data runs/amazon/data --emb path/to/emb.npy \
+        --set dim=300 --set item_ids=true ...
+
+`--emb` is a .npy of the catalog's text embeddings row-aligned with the items table, or a run's
+`embeddings/` parquet folder. Each `--grid key=v1,v2` adds a sweep axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from recsys.config import SequenceConfig
+from recsys.metrics import average, per_query_metrics
+from recsys.train_sequence import SequenceExamples, fit
+
+
+def _table(folder: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(f"{folder}/*.parquet"))])
+
+
+def _emb(path: str, item_ids: list[str]) -> np.ndarray:
+    if path.endswith(".npy"):
+        return np.load(path)
+    t = _table(path)
+    pos = {i: k for k, i in enumerate(t.column("item_id").to_pylist())}
+    e = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
+    return e[[pos[i] for i in item_ids]]
+
+
+def _parse(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--emb", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--grid", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    items = _table(f"{args.data}/items")
+    item_ids = items.column("item_id").to_pylist()
+    emb = _emb(args.emb, item_ids)
+    dup = np.asarray(items.column("dup_group").to_pylist(), dtype=np.int64)
+    base = {k: _parse(v) for k, v in (s.split("=", 1) for s in args.set)}
+    axes = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
+    ex = {s: SequenceExamples.from_table(_table(f"{args.data}/examples/next_item/{s}"), item_ids) for s in ("train", "valid", "test")}
+    results = []
+    for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
+        over = dict(base, **{k: v for (k, _), v in zip(axes, combo, strict=True)})
+        scfg = SequenceConfig(**over)
+        t = time.perf_counter()
+        model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=0)
+        row: dict[str, Any] = {"settings": over, "train_s": round(time.perf_counter() - t, 1),
+                               "epochs": hist["epochs"], "best_epoch": hist["best_epoch"], "params": hist["params"]}
+        for split in ("valid", "test"):
+            ranked = ex[split].rank(model, emb, item_ids, 50)
+            m = average(per_query_metrics(ranked, ex[split].relevant(item_ids), [10, 50]), split)
+            row.update({k: round(v, 4) for k, v in m.items() if not k.endswith("queries")})
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The sequence user tower: its loss, its model, its export, and its Ray Train job end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys.config import load_config
+from recsys.losses import full_softmax_loss
+from recsys.sequence import SequenceTower, has_sequence_tower, load_sequence_tower
+from tests.conftest import TINY_SEQUENCE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_full_softmax_masks_history_and_duplicates_but_never_the_target() -> None:
+    torch.manual_seed(0)
+    u = F.normalize(torch.randn(3, 8), dim=-1)
+    items = F.normalize(torch.randn(6, 8), dim=-1)
+    items[1], items[3] = u[0], u[1]  # the masked items would be rows 0's and 1's best negatives
+    target = torch.tensor([0, 2, 4])
+    masked = torch.tensor([[1, 0, -1], [3, -1, -1], [-1, -1, -1]])  # row 0's history holds its target
+    dup = torch.tensor([0, 1, 2, 2, 3, 4])  # rows 2 and 3 are near-duplicates
+    got = full_softmax_loss(u, items, target, 0.1, masked=masked, dup_rows=dup)
+    logits = u @ items.T / 0.1
+    keep = torch.ones(3, 6, dtype=torch.bool)
+    keep[0, 1] = False  # history, not the target
+    keep[1, 3] = False  # history and the target's duplicate
+    want = torch.stack([-(logits[r, target[r]] - torch.logsumexp(logits[r][keep[r]], 0)) for r in range(3)]).mean()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, F.cross_entropy(logits, target), atol=1e-3)  # the masks changed it
+
+
+def test_tower_reads_order_and_ignores_padding_and_empty_rows() -> None:
+    torch.manual_seed(0)
+    tower = SequenceTower(TINY_SEQUENCE, 12, 5).eval()
+    table = torch.randn(6, 16)
+    a = tower.encode_user(table, torch.tensor([[1, 2, -1, -1]]))
+    b = tower.encode_user(table, torch.tensor([[1, 2]]))
+    assert torch.allclose(a, b, atol=1e-5)  # padding changes nothing
+    c = tower.encode_user(table, torch.tensor([[2, 1]]))
+    assert not torch.allclose(a, c, atol=1e-3)  # positions: the newest item matters most
+    empty = tower.encode_user(table, torch.tensor([[-1, -1]]))
+    assert torch.isfinite(empty).all() and float(empty.abs().sum()) == 0.0
+    causal = SequenceTower({**TINY_SEQUENCE, "attention": "causal"}, 12, 5).eval()
+    assert torch.isfinite(causal.encode_user(table, torch.tensor([[1, 2, 3], [4, -1, -1], [-1, -1, -1]]))).all()
+
+
+def test_an_item_without_id_ranks_by_its_text() -> None:
+    torch.manual_seed(0)
+    tower = SequenceTower(TINY_SEQUENCE, 12, 3).eval()
+    text = torch.randn(4, 12)
+    with_id = tower.item_vectors(text, torch.tensor([1, 2, 3, 0]))
+    text_only = tower.item_vectors(text, torch.zeros(4, dtype=torch.long))
+    assert torch.allclose(with_id[3], text_only[3])  # the cold item: text alone
+    assert not torch.allclose(with_id[0], text_only[0])
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, s3_server, tiny_model):
+    from recsys.data import prepare
+
+    cfg = load_config(REPO / "jobs/configs/train_tiny.yaml", [
+        f"model.name_or_path={tiny_model}", "model.user_tower=sequence", "model.item_id_embeddings=true",
+        "sequence.dim=16", "sequence.ffn_dim=32", "sequence.experts=2", "sequence.max_epochs=3", "sequence.patience=5",
+        "sequence.batch_size=32", "sequence.cpus_per_worker=1", "train.run_name=seq",
+    ])
+    cfg.storage = s3_server.storage_config("s3://test/sequence")
+    prepare.run(cfg)
+    return cfg
+
+
+def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -> None:
+    from recsys import evaluate, paths, storage, train
+    from recsys.train_sequence import SequenceExamples
+
+    out = train.run(prepared)
+    assert out["user_tower"] == "sequence" and out["epochs"] == 3 and out["trainable_parameters"] > 0
+    local = storage.download_dir(paths.export_dir(prepared), tmp_path / "export", prepared.storage)
+    assert has_sequence_tower(local)
+    meta = json.loads((local / "recsys_model.json").read_text())
+    assert meta["user_tower"] == "sequence" and meta["model_id"] == out["model_id"]
+    model = load_sequence_tower(local)
+    assert model.tower.ids is not None and len(model.id_of) > 0
+
+    # The sentence-transformers item encoder beside it still loads as before.
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(local)).encode(["a thing"]).shape[0] == 1
+
+    report = evaluate.run(prepared.model_copy(update={"eval": prepared.eval.model_copy(update={"systems": ["popularity", "fine_tuned"]})}))
+    m = report["metrics"]["fine_tuned"]
+    assert "test/next_item/ndcg@10" in m and "test/search/ndcg@10" in m
+    # The report's next-item ranking is the sequence tower's: recompute it directly.
+    items = evaluate._items(prepared)
+    ids = items.column("item_id").to_pylist()
+    emb = np.stack([np.asarray(v, np.float32) for v in evaluate._read_dir(paths.embeddings(prepared), prepared).column("embedding").to_pylist()])
+    ex = SequenceExamples.from_table(evaluate._read_dir(paths.examples(prepared, "next_item", "test"), prepared), ids, model.max_len)
+    from recsys.metrics import average, per_query_metrics
+
+    direct = average(per_query_metrics(ex.rank(model, emb, ids, 10), ex.relevant(ids), [10]), "test/next_item")
+    assert abs(direct["test/next_item/ndcg@10"] - m["test/next_item/ndcg@10"]) < 1e-6
+
+    # A second run with more epochs resumes after the third, from the Ray Train checkpoint.
+    more = prepared.model_copy(update={"sequence": prepared.sequence.model_copy(update={"max_epochs": 4})})
+    again = train.run(more)
+    assert again["epochs"] == 4
