@@ -99,3 +99,13 @@ def ensure_ray(num_cpus: int | None = None, cfg: Config | None = None, **kwargs:
     init_kwargs.update(kwargs)
     log.info("ray.init(address=%s, HF_HUB_OFFLINE=%s)", address, env.get("HF_HUB_OFFLINE", "unset"))
     ray.init(**init_kwargs)
+
+
+def print_progress(logger: logging.Logger) -> None:
+    """Show `logger`'s INFO lines on this process's stderr: for rank 0 of a Ray Train worker group,
+    whose output Ray forwards to the driver (the other ranks stay quiet)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

@@ -28,6 +28,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SEQUENCE_DIR = "sequence"
+PROGRAM_FILE = "tower.pt2"  # the same tower for plain torch (torch.export), README shows its use
 _FILES = ("config.json", "model.safetensors", "items.json")
 
 
@@ -181,6 +182,23 @@ def save_sequence_tower(tower: SequenceTower, id_of: Mapping[str, int], out_dir:
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     save_file({k: v.detach().float().contiguous() for k, v in tower.state_dict().items()}, str(out / "model.safetensors"))
     (out / "items.json").write_text(json.dumps(dict(id_of)))
+    export_program(tower, out / PROGRAM_FILE)
+
+
+def export_program(tower: SequenceTower, path: str | Path) -> None:
+    """The tower as a `torch.export` program (eval mode), loadable with plain torch:
+    `torch.export.load(path).module()(item_emb, item_id_rows, hist) -> (users, items)`."""
+    import copy
+
+    model = copy.deepcopy(tower).eval()
+    max_len = int(tower.settings["max_len"])
+    n = torch.export.Dim("items", min=2)
+    b = torch.export.Dim("users", min=1)
+    length = torch.export.Dim("history", min=2, max=max(2, max_len))
+    example = (torch.randn(3, tower.text_dim), torch.tensor([1 if tower.n_ids else 0, 0, 0]), torch.tensor([[0, 1], [-1, -1]]))
+    with torch.no_grad():
+        program = torch.export.export(model, example, dynamic_shapes=({0: n}, {0: n}, {0: b, 1: length}))
+    torch.export.save(program, str(path))
 
 
 def has_sequence_tower(model_dir: str | Path) -> bool:

@@ -32,7 +32,7 @@ from recsys import paths, storage
 from recsys.config import Config, config_from_dict, to_dict, to_yaml
 from recsys.encoder import render_user_text
 from recsys.losses import SampledSoftmaxLoss, item_key
-from recsys.runtime import ensure_ray
+from recsys.runtime import ensure_ray, print_progress
 
 log = logging.getLogger(__name__)
 
@@ -380,12 +380,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if rank == 0:  # only rank 0 prints progress; Ray forwards worker output to the driver
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    if rank == 0:
+        print_progress(log)
     torch.manual_seed(t.seed)
     items = ItemTable.load(cfg)
     tokenizer = load_tokenizer(cfg.model)

@@ -66,18 +66,13 @@ class SequenceExamples:
         return len(self.target)
 
     def batches(self, batch_size: int, seed: int) -> Iterable[dict[str, torch.Tensor]]:
-        """A seeded shuffle in batches of similar history length (most histories are far shorter
-        than max_len, and a batch costs as much as its longest row)."""
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self))
-        lengths = (self.hist != PAD).sum(1)
-        chunk = batch_size * 32
-        groups = [order[s : s + chunk][np.argsort(lengths[order[s : s + chunk]], kind="stable")] for s in range(0, len(order), chunk)]
-        parts = [g[s : s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
-        for k in rng.permutation(len(parts)):
-            idx = parts[k]
-            yield {"hist": torch.from_numpy(self.hist[idx]), "target": torch.from_numpy(self.target[idx]),
-                   "weight": torch.from_numpy(self.weight[idx])}
+        """A seeded shuffle of all rows, in batches of similar history length."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        chunks = (self._take(order[s : s + batch_size * BUCKET_BATCHES]) for s in range(0, len(order), batch_size * BUCKET_BATCHES))
+        yield from length_bucketed(chunks, batch_size, seed)
+
+    def _take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {"hist": self.hist[idx], "target": self.target[idx], "weight": self.weight[idx]}
 
     def histories(self) -> list[list[int]]:
         return [[int(x) for x in row if x != PAD] for row in self.hist]
@@ -100,6 +95,21 @@ class SequenceExamples:
 
     def relevant(self, item_ids: Sequence[str]) -> list[dict[str, float]]:
         return [{item_ids[int(t)]: 1.0} for t in self.target]
+
+
+BUCKET_BATCHES = 32  # batches' worth of rows sorted by length together
+
+
+def length_bucketed(chunks: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of similar history length from shuffled chunks of rows (most histories are far
+    shorter than max_len, and a batch costs as much as its longest row): each chunk is sorted by
+    length, cut into batches, and those are yielded in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    for c in chunks:
+        order = np.argsort((c["hist"] != PAD).sum(1), kind="stable")
+        parts = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        for k in rng.permutation(len(parts)):
+            yield {name: torch.from_numpy(np.ascontiguousarray(v[parts[k]])) for name, v in c.items()}
 
 
 def id_vocabulary(train: SequenceExamples, item_ids: Sequence[str]) -> dict[str, int]:
@@ -241,12 +251,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from recsys.config import Config
+    from recsys.runtime import print_progress
 
     cfg = Config.model_validate(config["cfg"])
     scfg = cfg.sequence
     torch.set_num_threads(max(1, int(scfg.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        print_progress(log)
     data = ray.get(config["data"][0])  # in a list: Ray resolves a bare ref only as a direct argument
     shard = ray.train.get_dataset_shard("train")
     state = None
@@ -264,8 +277,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("rank %d resuming after epoch %d", rank, state["epoch"])
 
     def batches(epoch: int) -> Iterable[dict[str, torch.Tensor]]:
-        return shard.iter_torch_batches(batch_size=scfg.batch_size, local_shuffle_buffer_size=scfg.batch_size * 8,
-                                        local_shuffle_seed=scfg.seed * 100_003 + epoch, dtypes=None)
+        seed = scfg.seed * 100_003 + epoch
+        chunks = shard.iter_batches(batch_size=scfg.batch_size * BUCKET_BATCHES, batch_format="numpy",
+                                    local_shuffle_buffer_size=scfg.batch_size * BUCKET_BATCHES, local_shuffle_seed=seed)
+        return length_bucketed(chunks, scfg.batch_size, seed)
 
     def on_epoch(row: dict[str, Any], st: dict[str, Any]) -> None:
         metrics = {**row, "rank": rank, "world": world}

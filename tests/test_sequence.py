@@ -110,3 +110,21 @@ def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -
     more = prepared.model_copy(update={"sequence": prepared.sequence.model_copy(update={"max_epochs": 4})})
     again = train.run(more)
     assert again["epochs"] == 4
+
+
+def test_the_saved_tower_loads_in_plain_torch_and_agrees(tmp_path) -> None:
+    from recsys.sequence import PROGRAM_FILE, SEQUENCE_DIR, save_sequence_tower
+
+    torch.manual_seed(0)
+    tower = SequenceTower(TINY_SEQUENCE, 12, 4)
+    save_sequence_tower(tower, {"a": 1, "b": 2, "c": 3, "d": 4}, tmp_path / SEQUENCE_DIR)
+    (tmp_path / "recsys_model.json").write_text("{}")
+    ours = load_sequence_tower(tmp_path)
+    plain = torch.export.load(str(tmp_path / SEQUENCE_DIR / PROGRAM_FILE)).module()
+    ids = ["a", "b", "c", "d", "cold"]
+    emb = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    hist = torch.tensor([[4, 0, 2, -1, -1], [1, -1, -1, -1, -1], [-1, -1, -1, -1, -1]])
+    with torch.no_grad():
+        users, items = plain(torch.from_numpy(emb), ours.id_rows(ids), hist)
+    assert np.allclose(items.numpy(), ours.item_vectors(emb, ids), atol=1e-5)
+    assert np.allclose(users.numpy(), ours.encode_users([[4, 0, 2], [1], []], emb, ids), atol=1e-5)
