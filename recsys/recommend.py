@@ -25,9 +25,12 @@ Same model and ranking as the Serve app: the model, items and index are the `ser
 (else this run's export, items and index, built first when missing or stale: recommend.build_index);
 the user text is recsys.encoder.render_user_text (history newest first), the vectors
 TextEncoder.encode_queries, the top-k recsys.retrieval.search with its filters and exclusions,
-exactly as serve/app.py's Encoder and Retriever. Each actor of the pool holds the encoder, the
-catalog embeddings (recsys.index.load_index, refused unless this model built them) and the shop's
-user histories (one copy in the object store) once.
+exactly as serve/app.py's Encoder and Retriever. A model with a sequence user tower
+(recsys.sequence) ranks the rows without a query by that tower over the index's embeddings of
+the history (recsys.sequence.SequenceCatalog, as the app's Retriever does); rows with a query
+keep the text path. Each actor of the pool holds the encoder, the sequence tower if any, the
+catalog embeddings (recsys.index.load_index, refused unless this model built them) and the
+shop's user histories (one copy in the object store) once.
 """
 
 from __future__ import annotations
@@ -237,7 +240,8 @@ def shop_users(cfg: Config) -> pa.Table | None:
 
 class Ranker:
     """One actor's state: the encoder, the catalog (embeddings from the saved index, in catalog
-    order, with the filters applied once) and the shop's users. Called on REQUEST_SCHEMA batches
+    order, with the filters applied once), the sequence tower's item vectors over it (when the
+    model has one) and the shop's users. Called on REQUEST_SCHEMA batches
     (or the reader's raw rows), returns OUTPUT_SCHEMA rows, exactly one per row in. Also used
     in-process (the benchmark's baseline, tests)."""
 
@@ -245,6 +249,7 @@ class Ranker:
         from recsys.encoder import open_encoder
         from recsys.index import load_index
         from recsys.retrieval import FilterFields, align_embeddings, filter_mask
+        from recsys.sequence import SequenceCatalog, open_sequence_tower
 
         scfg = StorageConfig(**spec["storage"])
         self.k = int(spec["k"])
@@ -263,6 +268,8 @@ class Ranker:
         self.emb = align_embeddings(index.ids, index.emb, self.ids, spec["index_uri"])
         meta = items.select([c for c in ("category", "brand", "price") if c in items.column_names]).to_pylist()
         self.keep = filter_mask(FilterFields.from_rows(meta), spec.get("filters"))
+        tower = open_sequence_tower(spec["model_uri"], scfg, self.model_id)
+        self.sequence = SequenceCatalog(tower, self.emb, self.ids) if tower is not None else None
         self.users: pa.Table | None = None
         self.user_pos: dict[str, int] = {}
         if spec.get("users") is not None:
@@ -279,10 +286,9 @@ class Ranker:
             return None
         return self.users.column("history")[n].as_py(), self.users.column("seen")[n].as_py()
 
-    def _prepare(self, r: dict[str, Any]) -> tuple[str, list[int], list[str]]:
-        """(user text, excluded catalog positions, unknown ids) of a well-formed request."""
-        from recsys.encoder import render_user_text
-
+    def _prepare(self, r: dict[str, Any]) -> tuple[list[int], list[int], list[str]]:
+        """(the history's catalog positions, newest first; excluded catalog positions; unknown
+        ids) of a well-formed request."""
         history = list(r["history"] or [])  # newest first
         exclude = set(r["exclude"] or [])
         user = self._user(r["user_id"])
@@ -299,10 +305,10 @@ class Ranker:
             raise _BadRow("unknown_items", f"none of the {len(history)} history item id(s) is in the catalog (e.g. {unknown[:5]}), and there is no query")
         if self.exclude_history:
             exclude.update(history)
-        text = render_user_text(r["query"], [self.texts[self.pos[h]] for h in known], self.encoder.user_history_items)
-        return text, sorted(self.pos[i] for i in exclude if i in self.pos), unknown
+        return [self.pos[h] for h in known], sorted(self.pos[i] for i in exclude if i in self.pos), unknown
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from recsys.encoder import render_user_text
         from recsys.retrieval import search
 
         if "error" not in batch.column_names:  # the reader's raw rows
@@ -311,26 +317,31 @@ class Ranker:
         out = [{"user_id": r["user_id"], "query": r["query"], "request_id": r["request_id"], "item_ids": [], "scores": [],
                 "model_id": self.model_id, "unknown_item_ids": [], "error": r["error"], "error_detail": r["error_detail"],
                 "source": r["source"]} for r in rows]
-        todo: list[int] = []
-        texts: list[str] = []
-        excluded: list[list[int]] = []
+        # Two paths: the text towers (a query, or a model without a sequence tower) and the
+        # sequence tower (a history alone); each row's (row, history rows, excluded) goes to one.
+        by_text: list[tuple[int, list[int], list[int]]] = []
+        by_sequence: list[tuple[int, list[int], list[int]]] = []
         for n, r in enumerate(rows):
             if r["error"]:
                 continue
             try:
-                text, ex, unknown = self._prepare(r)
+                hist, ex, unknown = self._prepare(r)
             except _BadRow as e:
                 out[n]["error"], out[n]["error_detail"] = e.reason, e.detail
                 continue
             out[n]["unknown_item_ids"] = unknown
-            todo.append(n)
-            texts.append(text)
-            excluded.append(ex)
-        if todo:
+            (by_sequence if self.sequence is not None and not r["query"] else by_text).append((n, hist, ex))
+        ranked: list[tuple[int, tuple[np.ndarray, np.ndarray]]] = []
+        if by_text:
+            texts = [render_user_text(rows[n]["query"], [self.texts[i] for i in hist], self.encoder.user_history_items) for n, hist, _ in by_text]
             q = self.encoder.encode_queries(texts, batch_size=self.encode_batch_size)  # (rows, dim)
-            for n, (top, scores) in zip(todo, search(self.emb, q, self.k, self.keep, excluded), strict=True):
-                out[n]["item_ids"] = [self.ids[i] for i in top]
-                out[n]["scores"] = scores.tolist()
+            ranked += zip([n for n, _, _ in by_text], search(self.emb, q, self.k, self.keep, [ex for _, _, ex in by_text]), strict=True)
+        if by_sequence:
+            hists, exs = [hist for _, hist, _ in by_sequence], [ex for _, _, ex in by_sequence]
+            ranked += zip([n for n, _, _ in by_sequence], self.sequence.rank(hists, self.k, self.keep, exs), strict=True)
+        for n, (top, scores) in ranked:
+            out[n]["item_ids"] = [self.ids[i] for i in top]
+            out[n]["scores"] = scores.tolist()
         table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
         if table.num_rows != batch.num_rows:  # cannot happen: one output per row by construction
             raise RuntimeError(f"{table.num_rows} rows out for {batch.num_rows} in")

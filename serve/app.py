@@ -2,14 +2,19 @@
 
     Encoder    the fine-tuned query tower; autoscaled; @serve.batch dynamic batching whose size
                and wait are tuned at run time through user_config
-    Retriever  catalog embeddings + item metadata; exact top-K with filters and exclusions
+    Retriever  catalog embeddings + item metadata; exact top-K with filters and exclusions; the
+               sequence user tower, when the model has one (recsys.sequence), with its item
+               vectors computed once per catalog load
     Profiles   live per-user history, updated by /events, read by /recommend
     Ingress    HTTP API (OpenAPI at /docs), validation, auth, backpressure -> 503 + Retry-After
 
 `app_builder(args)` builds it from typed arguments (local paths or s3:// URIs), for
 `serve run serve/config.yaml`, `serve deploy` and `serve.run(app_builder({...}))` alike.
 Scores are computed exactly like offline evaluation: recsys.encoder.TextEncoder for both sides
-and recsys.encoder.render_user_text for users (history newest first).
+and recsys.encoder.render_user_text for users (history newest first). A model exported with a
+sequence user tower (recsys_model.json `user_tower: sequence`) ranks users (/recommend, /score
+without a query) by that tower over the stored catalog embeddings of their history, in the
+Retriever alone: no text is encoded for them. Search and query scoring keep the text towers.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the request models of a
@@ -167,6 +172,8 @@ class Catalog:
     texts: list[str]
     fields: Any  # recsys.retrieval.FilterFields: what the filters read
     emb: np.ndarray  # (n_items, dim), L2-normalised, from model_id
+    # recsys.sequence.SequenceCatalog over `emb` when model_id has a sequence user tower, else None.
+    sequence: Any = None
 
 
 def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, model_id: str = "") -> Catalog:
@@ -176,6 +183,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
 
     from recsys import storage
     from recsys.retrieval import FilterFields, align_embeddings
+    from recsys.sequence import SequenceCatalog, open_sequence_tower
 
     fs, path = storage.filesystem(items_uri, _storage_cfg(a))
     table = pq.read_table(path, filesystem=fs)
@@ -197,6 +205,9 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         model_id = encoder.model_id
         emb = encoder.encode_items(texts)
         log.info("embedded %d items with model %s in %.1fs", len(ids), model_id, time.perf_counter() - t)
+    # Loaded with the catalog and swapped with it as one object: a user vector always meets item
+    # vectors of its own model. Refused if the export changed from `model_id` meanwhile.
+    tower = open_sequence_tower(model_uri, _storage_cfg(a), model_id)
     return Catalog(
         model_uri=model_uri,
         model_id=model_id,
@@ -206,6 +217,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         texts=texts,
         fields=FilterFields.from_rows(meta),
         emb=emb,
+        sequence=SequenceCatalog(tower, emb, ids) if tower is not None else None,
     )
 
 
@@ -228,10 +240,6 @@ class Retriever:
         c = self.catalog
         return [i for i in item_ids if i not in c.index]
 
-    def item_texts(self, item_ids: list[str]) -> list[str]:
-        c = self.catalog
-        return [c.texts[c.index[i]] for i in item_ids if i in c.index]
-
     def search(
         self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_id: str
     ) -> list[dict[str, Any]]:
@@ -242,6 +250,36 @@ class Retriever:
         excluded = [c.index[i] for i in exclude or [] if i in c.index]
         top, scores = retrieval.search(c.emb, q[None], k, retrieval.filter_mask(c.fields, filters), [excluded])[0]
         return [{**c.meta[i], "score": float(s)} for i, s in zip(top, scores, strict=True)]
+
+    def recommend(self, history: list[str], k: int, filters: dict[str, Any] | None, exclude: list[str] | None) -> dict[str, Any]:
+        """A user's top-k from their history item ids (newest first), by the sequence tower when
+        the catalog's model has one: {"model_id", "known", "answer"} with `answer` shaped as
+        `search`'s. Otherwise (the text path) {"model_id", "known", "texts"}: the history item
+        texts for the Encoder, whose vector then goes to `search`. `known` = 0: no history item
+        is in the catalog, nothing else is set."""
+        from recsys import retrieval
+
+        def answer(c: Catalog, rows: list[int]) -> list[dict[str, Any]]:
+            # The same ranking as the batch job's (recsys.sequence.SequenceCatalog.rank).
+            excluded = [c.index[i] for i in exclude or [] if i in c.index]
+            top, scores = c.sequence.rank([rows], k, retrieval.filter_mask(c.fields, filters), [excluded])[0]
+            return [{**c.meta[i], "score": float(s)} for i, s in zip(top, scores, strict=True)]
+
+        return self._for_user(history, answer)
+
+    def score_user(self, history: list[str], item_ids: list[str]) -> dict[str, Any]:
+        """A user's scores for `item_ids`, as `recommend` answers (the text path: `score`)."""
+        return self._for_user(history, lambda c, rows: [float(s) for s in c.sequence.score(rows, [c.index[i] for i in item_ids])])
+
+    def _for_user(self, history: list[str], answer: Any) -> dict[str, Any]:
+        c = self.catalog  # one catalog for the whole answer, even mid-swap
+        known = [i for i in history if i in c.index]
+        out: dict[str, Any] = {"model_id": c.model_id, "known": len(known)}
+        if not known:
+            return out
+        if c.sequence is None:
+            return {**out, "texts": [c.texts[c.index[i]] for i in known]}
+        return {**out, "answer": answer(c, [c.index[i] for i in known])}
 
     def score(self, q: np.ndarray, item_ids: list[str], model_id: str) -> list[float]:
         c = self._catalog_of(model_id)
@@ -260,7 +298,8 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         model_uri, items_uri, index_uri = self.source or ("", "", "")
         model_id = self.catalog.model_id if self.catalog else ""
-        return {"model_uri": model_uri, "model_id": model_id, "items_uri": items_uri, "index_uri": index_uri}
+        tower = ("sequence" if self.catalog.sequence is not None else "text") if self.catalog else ""
+        return {"model_uri": model_uri, "model_id": model_id, "items_uri": items_uri, "index_uri": index_uri, "user_tower": tower}
 
 
 class ProfileStore:
@@ -430,18 +469,42 @@ class Ingress:
                     raise HTTPProblem(503, "a new model is rolling out, retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
                 await asyncio.sleep(0.1)
 
+    async def _for_user(self, history: list[str], none_known: str, method: Any, text_method: Any, *a: Any) -> Any:
+        """A user's answer from their history item ids (newest first): from the Retriever alone
+        (`method`) when its model has a sequence user tower; else the text path, the Encoder's
+        vector of the history texts the Retriever returned, then `text_method`, all three from one
+        model. During a swap the sides switch models separately: a mismatch starts over from the
+        Retriever, so a swap to or from a model with a sequence tower also switches the path."""
+        deadline = time.monotonic() + SWAP_WAIT_S
+        while True:
+            r = await self._call(method, history, *a)
+            if not r["known"]:
+                raise HTTPProblem(404, none_known)
+            if "answer" in r:
+                return r["answer"]
+            q, model_id = await self._call(self.encoder.encode_user, r["texts"])
+            if model_id == r["model_id"]:
+                try:
+                    return await self._call(text_method, q, *a, model_id)
+                except ModelMismatch:
+                    pass
+            if time.monotonic() > deadline:
+                raise HTTPProblem(503, "a new model is rolling out, retry shortly", {"Retry-After": RETRY_AFTER_S})
+            await asyncio.sleep(0.1)
+
     def _auth(self, request: Request) -> None:
         if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
             raise HTTPProblem(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     async def _user_history(self, user_id: str | None, recent: list[str]) -> tuple[list[str], list[str]]:
-        """The user's history item texts, newest first (recent ids, then the live profile), and purchases."""
+        """The user's history item ids, newest first (recent ids, then the live profile), and purchases."""
         profile = await self._call(self.profiles.get, user_id) if user_id else {"history": [], "purchased": []}
         history = list(reversed(recent)) + [i for i in profile["history"] if i not in recent]  # newest first
-        texts = await self._call(self.retriever.item_texts, history)
-        return texts, profile["purchased"]
+        return history, profile["purchased"]
 
     async def _check_known(self, ids: list[str]) -> None:
+        if not ids:  # nothing to check: no call
+            return
         unknown = await self._call(self.retriever.unknown, ids)
         if unknown:
             raise HTTPProblem(404, f"unknown item ids: {unknown[:20]}")
@@ -469,24 +532,21 @@ class Ingress:
     async def recommend(self, body: RecommendRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
         await self._check_known(body.recent_item_ids)
-        texts, purchased = await self._user_history(body.user_id, body.recent_item_ids)
-        if not texts:
-            raise HTTPProblem(404, f"user {body.user_id!r} has no history yet; send /events or recent_item_ids")
+        history, purchased = await self._user_history(body.user_id, body.recent_item_ids)
         exclude = None if body.include_purchased else purchased
         filters = body.filters.model_dump() if body.filters else None
-        return {"items": await self._retrieve(self.encoder.encode_user, texts, self.retriever.search, body.k, filters, exclude)}
+        none_known = f"user {body.user_id!r} has no history yet; send /events or recent_item_ids"
+        return {"items": await self._for_user(history, none_known, self.retriever.recommend, self.retriever.search, body.k, filters, exclude)}
 
     @api.post("/score")
     async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
         await self._check_known(body.item_ids + body.recent_item_ids)
         if body.query and body.query.strip():
-            encode, what = self.encoder.encode_query, body.query.strip()
-        else:
-            encode, (what, _) = self.encoder.encode_user, await self._user_history(body.user_id, body.recent_item_ids)
-            if not what:
-                raise HTTPProblem(404, f"user {body.user_id!r} has no history yet")
-        return {"scores": await self._retrieve(encode, what, self.retriever.score, body.item_ids)}
+            return {"scores": await self._retrieve(self.encoder.encode_query, body.query.strip(), self.retriever.score, body.item_ids)}
+        history, _ = await self._user_history(body.user_id, body.recent_item_ids)
+        none_known = f"user {body.user_id!r} has no history yet"
+        return {"scores": await self._for_user(history, none_known, self.retriever.score_user, self.retriever.score, body.item_ids)}
 
     @api.post("/events")
     async def events(self, body: EventsRequest, request: Request) -> dict[str, Any]:

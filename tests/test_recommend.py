@@ -312,3 +312,52 @@ def test_a_one_file_input_reaches_every_actor(shop, tmp_path) -> None:
     assert rows_in == 40
     blocks = ds.materialize()
     assert blocks.num_blocks() == 3 and blocks.count() == 40
+
+
+def test_an_export_with_a_sequence_tower_ranks_histories_by_it(shop, tmp_path, attach_random_tower) -> None:
+    """Issue 15: the job over an export (in the S3 store) with a sequence user tower: rows
+    without a query (a shop user, a history) are ranked by the tower over the run's index (built
+    first, by jobs.index's code) exactly as computed here with the SequenceModel; a row with a
+    query keeps the text path."""
+    from recsys import recommend
+    from recsys.encoder import TextEncoder, render_user_text
+    from recsys.index import load_index
+    from recsys.model import build_two_tower, export_model, load_tokenizer
+    from recsys.retrieval import align_embeddings
+    from recsys.sequence import load_sequence_tower
+
+    cfg = _cfg(shop, k=4, output_uri=str(tmp_path / "out"))
+    cfg.train.run_name = "sequence"  # its own export and index beside the shop's data
+    local = tmp_path / "export"
+    export_model(build_two_tower(cfg.model), load_tokenizer(cfg.model), cfg.model, {}, local)
+    items = pq.read_table(storage.filesystem(paths.items(cfg), cfg.storage)[1], filesystem=storage.filesystem(paths.items(cfg), cfg.storage)[0])
+    ids, texts = items.column("item_id").to_pylist(), items.column("text").to_pylist()
+    model_id = attach_random_tower(local, ids, seed=1)
+    storage.upload_dir(local, paths.export_dir(cfg), cfg.storage)
+    users = recommend.shop_users(cfg)
+    u0, hist0, seen0 = (users.column(c)[0].as_py() for c in ("user_id", "history", "seen"))
+    requests = [{"user_id": u0, "request_id": "user"}, {"history": ids[:3], "request_id": "history"},
+                {"history": ids[:3], "query": "running shoes", "request_id": "query"}]
+    cfg.recommend.input_uri = str(tmp_path / "requests.jsonl")
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    summary = recommend.run(cfg)
+    assert summary["ranked"] == 3 and summary["model_id"] == model_id
+    out = {r["request_id"]: r for r in _output(cfg, str(tmp_path / "out")).to_pylist()}
+
+    index = load_index(paths.index_dir(cfg), cfg.storage, model_id=model_id)
+    emb = align_embeddings(index.ids, index.emb, ids, "the run's index")
+    model = load_sequence_tower(local)
+    vectors = model.item_vectors(emb, ids)
+    pos = {i: n for n, i in enumerate(ids)}
+
+    def top(scores: np.ndarray, exclude: set[str]) -> list[str]:
+        return [ids[i] for i in sorted((i for i in range(len(ids)) if ids[i] not in exclude), key=lambda i: (-float(scores[i]), i))[:4]]
+
+    history = ids[:3][::-1]  # newest first
+    for rid, hist, exclude in (("user", hist0, set(seen0) | set(hist0)), ("history", history, set(history))):
+        scores = vectors @ model.encode_users([[pos[h] for h in hist]], emb, ids)[0]
+        assert out[rid]["item_ids"] == top(scores, exclude), rid
+        np.testing.assert_allclose(out[rid]["scores"], [scores[pos[i]] for i in out[rid]["item_ids"]], atol=1e-5)
+    enc = TextEncoder(str(local))
+    q = enc.encode_queries([render_user_text("running shoes", [texts[pos[h]] for h in history], enc.user_history_items)])[0]
+    assert out["query"]["item_ids"] == top(emb @ q, set(history)), "a query keeps the text towers"

@@ -426,3 +426,115 @@ def test_the_batch_job_answers_as_the_served_app(service, tmp_path) -> None:
     for n, items in enumerate(served):
         assert by_id[n]["item_ids"] == [i["item_id"] for i in items], (requests[n], by_id[n]["item_ids"], items)
         np.testing.assert_allclose(by_id[n]["scores"], [i["score"] for i in items], atol=1e-5)
+
+
+def _sequence_top(export: Path, emb: np.ndarray, ids: list[str], history: list[str], k: int, exclude=(), keep=None) -> list[tuple[str, float]]:
+    """The sequence tower's ranking computed here, directly (history newest first): the user
+    vector over the catalog's text embeddings `emb`, scores against its item vectors, sorted."""
+    from recsys.sequence import load_sequence_tower
+
+    model = load_sequence_tower(export)
+    u = model.encode_users([[ids.index(h) for h in history]], emb, ids)[0]
+    scores = model.item_vectors(emb, ids) @ u
+    order = sorted((i for i in range(len(ids)) if ids[i] not in exclude and (keep is None or keep(i))), key=lambda i: (-float(scores[i]), i))
+    return [(ids[i], float(scores[i])) for i in order[:k]]
+
+
+def _ranked(items: list[dict]) -> list[tuple[str, float]]:
+    return [(i["item_id"], i["score"]) for i in items]
+
+
+def _same(got: list[tuple[str, float]], want: list[tuple[str, float]]) -> None:
+    assert [i for i, _ in got] == [i for i, _ in want], (got, want)
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
+
+
+def test_an_export_with_a_sequence_tower_recommends_by_it(service, tmp_path, attach_random_tower) -> None:
+    """Issue 15: with a sequence user tower in the export, /recommend and /score (no query) rank
+    by that tower over the index's embeddings of the history (request ids + live profile), /search
+    keeps the text towers, the batch job ranks as the app does, and a swap to a model without the
+    tower goes back to the text path (and forward again)."""
+    from ray import serve
+
+    from recsys import recommend
+    from recsys.config import load_config
+    from recsys.index import build_index
+    from serve.app import deploy_args, swap
+
+    table = service["table"]
+    ids, texts = table.column("item_id").to_pylist(), table.column("text").to_pylist()
+    plain, seq = tmp_path / "plain", tmp_path / "seq"
+    _export_tiny(service["model"], plain)
+    _export_tiny(service["model"], seq)
+    attach_random_tower(seq, ids)
+    emb = {}
+    for export in (plain, seq):
+        enc = TextEncoder(str(export))
+        emb[export] = enc.encode_items(texts)
+        build_index(emb[export], ids, model_id=enc.model_id).save(str(export) + "-index")
+    assert TextEncoder(str(plain)).model_id != TextEncoder(str(seq)).model_id
+    c = service["client"]
+
+    def user_tower() -> str:
+        return serve.get_deployment_handle("Retriever", "seq").info.remote().result(timeout_s=30)["user_tower"]
+
+    def rec(body: dict) -> list[tuple[str, float]]:
+        r = c.post("/seq/recommend", json=body)
+        assert r.status_code == 200, r.text
+        return _ranked(r.json()["items"])
+
+    args = {"model_uri": str(seq), "items_uri": service["items_dir"], "index_uri": f"{seq}-index", "max_replicas": 1, "replica_cpus": 0.2}
+    try:
+        deploy_args(args, name="seq", route_prefix="/seq", timeout_s=180)
+        e = emb[seq]
+        # Request ids are oldest first; the tower reads newest first.
+        _same(rec({"recent_item_ids": ["P3", "P4"], "k": 5}), _sequence_top(seq, e, ids, ["P4", "P3"], 5))
+        assert user_tower() == "sequence"
+        text_way = _offline(str(seq), table, render_user_text(None, [texts[3], texts[2]], 10), 5)
+        assert [i for i, _ in rec({"recent_item_ids": ["P3", "P4"], "k": 5})] != text_way, "the two towers must rank differently here"
+
+        # The live profile: each event changes the next answer at once.
+        assert c.post("/seq/events", json={"user_id": "u-seq", "events": [{"item_id": "P5", "event_type": "click", "timestamp": 1}]}).status_code == 200
+        first = rec({"user_id": "u-seq", "k": 8})
+        _same(first, _sequence_top(seq, e, ids, ["P5"], 8))
+        assert c.post("/seq/events", json={"user_id": "u-seq", "events": [{"item_id": "P1", "event_type": "add_to_cart", "timestamp": 2}]}).status_code == 200
+        second = rec({"user_id": "u-seq", "k": 8})
+        _same(second, _sequence_top(seq, e, ids, ["P1", "P5"], 8))
+        assert second != first, "a new /events entry changes the next answer"
+        # Request ids first, then the profile's (as the text path merges them); purchases excluded.
+        assert c.post("/seq/events", json={"user_id": "u-seq", "events": [{"item_id": "P8", "event_type": "purchase", "timestamp": 3}]}).status_code == 200
+        merged = rec({"user_id": "u-seq", "recent_item_ids": ["P2", "P5"], "k": 8, "filters": {"min_price": 35.0}})
+        _same(merged, _sequence_top(seq, e, ids, ["P5", "P2", "P8", "P1"], 8, exclude={"P8"}, keep=lambda i: TITLES[i][3] >= 35))
+        r = c.post("/seq/score", json={"user_id": "u-seq", "item_ids": ["P6", "P1"]})
+        assert r.status_code == 200, r.text
+        by_id = dict(_sequence_top(seq, e, ids, ["P8", "P1", "P5"], len(ids)))
+        np.testing.assert_allclose(r.json()["scores"], [by_id["P6"], by_id["P1"]], atol=1e-5)
+        assert c.post("/seq/recommend", json={"user_id": "nobody", "k": 3}).status_code == 404
+        # Search is the text towers' still.
+        s = c.post("/seq/search", json={"query": "running shoes", "k": 5})
+        assert [i["item_id"] for i in s.json()["items"]] == _offline(str(seq), table, "running shoes", 5)
+
+        # The batch job ranks a history (no query) by the tower as the app does, a query by text.
+        cfg = load_config(None, [
+            f"storage.root={tmp_path / 'root'}", f"serve.model_uri={seq}", f"serve.items_uri={service['items_dir']}",
+            f"serve.index_uri={seq}-index", "recommend.k=5", "recommend.min_price=35", "recommend.exclude_history=false",
+        ])
+        rows = [{"history": ["P4", "P3"], "source": "t"}, {"history": ["P5", "P2", "P8", "P1"], "exclude": ["P8"], "source": "t"},
+                {"query": "running shoes", "source": "t"}]
+        batch = recommend.rank_in_process(cfg, rows).to_pylist()
+        served = [rec({"recent_item_ids": ["P3", "P4"], "k": 5, "filters": {"min_price": 35.0}}), merged[:5],
+                  _ranked(c.post("/seq/search", json={"query": "running shoes", "k": 5, "filters": {"min_price": 35.0}}).json()["items"])]
+        for got, want in zip(batch, served, strict=True):
+            assert got["error"] is None, got
+            _same(list(zip(got["item_ids"], got["scores"], strict=True)), want)
+
+        # A swap to a model without the tower goes back to the text path, and forward again.
+        swap("seq", str(plain), index_uri=f"{plain}-index", timeout_s=180)
+        assert user_tower() == "text"
+        text_now = _offline(str(plain), table, render_user_text(None, [texts[3], texts[2]], 10), 5)
+        assert [i for i, _ in rec({"recent_item_ids": ["P3", "P4"], "k": 5})] == text_now
+        swap("seq", str(seq), index_uri=f"{seq}-index", timeout_s=180)
+        assert user_tower() == "sequence"
+        _same(rec({"user_id": "u-seq", "k": 8, "include_purchased": True}), _sequence_top(seq, e, ids, ["P8", "P1", "P5"], 8))
+    finally:
+        serve.delete("seq")
