@@ -241,7 +241,7 @@ class SequenceConfig(_Section):
     dropout: Fraction = 0.5
     # "bidirectional" (every history item sees every other) or "causal" (older items only).
     attention: Literal["bidirectional", "causal"] = "bidirectional"
-    max_len: PositiveInt = 50
+    max_len: int = Field(50, ge=2)
     # Item vector = adaptor(text embedding): "moe" (UniSRec's whitening mixture of experts),
     # "linear", or "none" (the text embedding itself; needs dim == its dim).
     adaptor: Literal["moe", "linear", "none"] = "moe"
@@ -392,6 +392,9 @@ class Config(_Section):
     def _sequence_needs_next_item(self) -> Config:
         if self.model.user_tower == "sequence" and self.train.task == "search":
             raise ValueError("model.user_tower=sequence models next-item histories, but train.task is 'search': use next_item or both")
+        if self.model.user_tower == "sequence" and self.sequence.item_tower == "base" and self.model.projection_dim:
+            raise ValueError(f"sequence.item_tower=base reads the pretrained encoder, which has no trained projection "
+                             f"(model.projection_dim={self.model.projection_dim}): set projection_dim=0 or item_tower=fine_tuned")
         return self
 
 

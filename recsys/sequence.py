@@ -263,6 +263,9 @@ def open_sequence_tower(uri: str, cfg: Any = None, model_id: str = "") -> Sequen
         return json.loads(Path(meta_uri).read_text()) if Path(meta_uri).is_file() else {}
 
     if meta().get("user_tower") != "sequence":
+        found = str(meta().get("model_id") or "")
+        if model_id and found and found != model_id:
+            raise ValueError(f"the model at {uri} is now {found}, not {model_id}: it was replaced; deploy / run again")
         return None
     if remote:
         with tempfile.TemporaryDirectory(prefix="recsys-sequence-") as tmp:

@@ -154,12 +154,37 @@ def validate(model: SequenceModel, valid: SequenceExamples, text_emb: np.ndarray
     return average(per_query_metrics(ranked, valid.relevant(item_ids), [10]), "valid")
 
 
+def _same_on_all_ranks(value: float) -> float:
+    """Rank 0's value everywhere: every rank must take the same early-stopping decision, or the
+    ones that go on would wait forever in the next all_reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def fingerprint(scfg: SequenceConfig, item_id_embeddings: bool, id_of: dict[str, int], item_model_id: str) -> str:
+    """What a checkpoint's tower depends on: its settings (not the epoch budget), its ID
+    vocabulary and the item tower whose embeddings it reads. A checkpoint of another is not
+    resumed."""
+    import hashlib
+    import json
+
+    settings = scfg.model_dump(exclude={"max_epochs", "patience", "num_workers", "cpus_per_worker"})
+    blob = json.dumps([settings, bool(item_id_embeddings), sorted(id_of.items()), item_model_id], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def fit(
     scfg: SequenceConfig, train: SequenceExamples, text_emb: np.ndarray, item_ids: Sequence[str], dup: np.ndarray,
     valid: SequenceExamples | None = None, seed: int = 0, item_id_embeddings: bool = False,
     batches: Callable[[int], Iterable[dict[str, torch.Tensor]]] | None = None,
     wrap: Callable[[SequenceTower], torch.nn.Module] | None = None,
     state: dict[str, Any] | None = None, on_epoch: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    id_of: dict[str, int] | None = None,
 ) -> tuple[SequenceModel, dict[str, Any]]:
     """Train a tower; returns the best epoch's model and the history (epochs, metrics, timing).
 
@@ -167,7 +192,7 @@ def fit(
     wraps the tower for distributed training (DDP); `state` resumes from an `on_epoch` state;
     `on_epoch(row, state)` is called after every epoch (the Ray job reports and checkpoints)."""
     torch.manual_seed(seed)
-    id_of = id_vocabulary(train, item_ids)
+    id_of = id_of if id_of is not None else id_vocabulary(train, item_ids)
     tower = SequenceTower(tower_settings(scfg, item_id_embeddings), int(text_emb.shape[1]), len(id_of))
     model_view = wrap(tower) if wrap else tower
     opt = torch.optim.AdamW(tower.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
@@ -182,8 +207,11 @@ def fit(
         tower.load_state_dict(state["tower"])
         opt.load_state_dict(state["opt"])
         best_state, hist, start = state["best_tower"], state["history"], int(state["epoch"]) + 1
+    hist["start_epoch"] = start
     since_best = start - 1 - hist["best_epoch"] if start else 0
-    for epoch in range(start, scfg.max_epochs):
+    # A finished run (stopped early) re-run as is stays finished: the same best epoch exported.
+    first = scfg.max_epochs if state and state.get("stopped") else start
+    for epoch in range(first, scfg.max_epochs):
         t = time.perf_counter()
         tower.train()
         total, n = 0.0, 0
@@ -199,7 +227,7 @@ def fit(
             m = validate(SequenceModel(tower, id_of), valid, text_emb, item_ids)
             tower.train()
             row.update(m)
-            score = m["valid/ndcg@10"]
+            score = _same_on_all_ranks(m["valid/ndcg@10"])
             if score > hist["best"]:
                 hist["best"], hist["best_epoch"], since_best = score, epoch, 0
                 best_state = copy.deepcopy(tower.state_dict())
@@ -267,11 +295,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
-        if state.get("item_model_id") != data["item_model_id"]:
-            # A checkpoint over another item tower's embeddings (the text stage retrained it):
-            # its tower reads vectors that no longer exist, so start again.
-            log.warning("rank %d: checkpoint made over item tower %s, now %s: starting afresh", rank,
-                        state.get("item_model_id"), data["item_model_id"])
+        if state.get("fingerprint") != data["fingerprint"]:
+            # A checkpoint of other settings, data or item tower (the text stage retrained it):
+            # continuing it would train a different model than the config says, so start again.
+            log.warning("rank %d: the checkpoint's tower (%s) is not this config's (%s): starting afresh", rank,
+                        state.get("fingerprint"), data["fingerprint"])
             state = None
         else:
             log.info("rank %d resuming after epoch %d", rank, state["epoch"])
@@ -286,14 +314,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**row, "rank": rank, "world": world}
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                torch.save({**st, "item_model_id": data["item_model_id"]}, os.path.join(d, STATE_FILE))
+                torch.save({**st, "fingerprint": data["fingerprint"]}, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
 
     wrap = ray.train.torch.prepare_model if world > 1 else None
     fit(scfg, data["train"], data["emb"], data["item_ids"], data["dup"], valid=data["valid"], seed=scfg.seed,
-        item_id_embeddings=cfg.model.item_id_embeddings, batches=batches, wrap=wrap, state=state, on_epoch=on_epoch)
+        item_id_embeddings=cfg.model.item_id_embeddings, batches=batches, wrap=wrap, state=state, on_epoch=on_epoch,
+        id_of=data["id_of"])
 
 
 def _table(uri: str, cfg: Any) -> pa.Table | None:
@@ -352,6 +381,8 @@ def run(cfg: Any) -> dict[str, Any]:
             if t is None or t.num_rows == 0:
                 raise FileNotFoundError(f"no next-item {split} examples under {paths.examples(cfg, 'next_item', split)}: run the prepare job first")
             data[split] = SequenceExamples.from_table(t, item_ids, scfg.max_len, where=f"next-item {split} examples")
+        data["id_of"] = id_vocabulary(data["train"], item_ids)
+        data["fingerprint"] = fingerprint(scfg, cfg.model.item_id_embeddings, data["id_of"], item_model_id)
         row_of = {i: k for k, i in enumerate(item_ids)}
         files = storage.list_files(paths.examples(cfg, "next_item", "train"), cfg.storage, ".parquet")
         fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
@@ -385,6 +416,7 @@ def run(cfg: Any) -> dict[str, Any]:
     summary = {
         "user_tower": "sequence", "item_tower": scfg.item_tower, "epochs": hist["epochs"], "best_epoch": hist["best_epoch"],
         "best_valid_ndcg@10": best.get("valid/ndcg@10"), "trainable_parameters": hist["params"],
+        "resumed_from_epoch": hist.get("start_epoch", 0),
         "train_examples": len(data["train"]), "export": export, "model_id": model_id,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

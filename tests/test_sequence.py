@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -24,13 +25,15 @@ def test_full_softmax_masks_history_and_duplicates_but_never_the_target() -> Non
     items = F.normalize(torch.randn(6, 8), dim=-1)
     items[1], items[3] = u[0], u[1]  # the masked items would be rows 0's and 1's best negatives
     target = torch.tensor([0, 2, 4])
-    masked = torch.tensor([[1, 0, -1], [3, -1, -1], [-1, -1, -1]])  # row 0's history holds its target
-    dup = torch.tensor([0, 1, 2, 2, 3, 4])  # rows 2 and 3 are near-duplicates
+    items[5] = u[1]
+    masked = torch.tensor([[1, 0, -1], [5, -1, -1], [-1, -1, -1]])  # row 0's history holds its target
+    dup = torch.tensor([0, 1, 2, 2, 3, 4])  # rows 2 and 3 are near-duplicates (3 is in no history)
     got = full_softmax_loss(u, items, target, 0.1, masked=masked, dup_rows=dup)
     logits = u @ items.T / 0.1
     keep = torch.ones(3, 6, dtype=torch.bool)
     keep[0, 1] = False  # history, not the target
-    keep[1, 3] = False  # history and the target's duplicate
+    keep[1, 5] = False  # history
+    keep[1, 3] = False  # the target's near-duplicate
     want = torch.stack([-(logits[r, target[r]] - torch.logsumexp(logits[r][keep[r]], 0)) for r in range(3)]).mean()
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, F.cross_entropy(logits, target), atol=1e-3)  # the masks changed it
@@ -48,7 +51,10 @@ def test_tower_reads_order_and_ignores_padding_and_empty_rows() -> None:
     empty = tower.encode_user(table, torch.tensor([[-1, -1]]))
     assert torch.isfinite(empty).all() and float(empty.abs().sum()) == 0.0
     causal = SequenceTower({**TINY_SEQUENCE, "attention": "causal"}, 12, 5).eval()
-    assert torch.isfinite(causal.encode_user(table, torch.tensor([[1, 2, 3], [4, -1, -1], [-1, -1, -1]]))).all()
+    out = causal.encode_user(table, torch.tensor([[1, 2, 3], [1, 2, 4], [4, -1, -1], [-1, -1, -1]]))
+    assert torch.isfinite(out).all()
+    # Newest first: the newest position (the user) sees the older items, so the oldest counts.
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
 
 
 def test_an_item_without_id_ranks_by_its_text() -> None:
@@ -109,7 +115,10 @@ def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -
     # A second run with more epochs resumes after the third, from the Ray Train checkpoint.
     more = prepared.model_copy(update={"sequence": prepared.sequence.model_copy(update={"max_epochs": 4})})
     again = train.run(more)
-    assert again["epochs"] == 4
+    assert again["epochs"] == 4 and again["resumed_from_epoch"] == 3
+    # Other settings: that checkpoint is not this config's tower, so it starts afresh.
+    other = more.model_copy(update={"sequence": more.sequence.model_copy(update={"temperature": 0.2, "max_epochs": 1})})
+    assert train.run(other)["resumed_from_epoch"] == 0
 
 
 def test_the_saved_tower_loads_in_plain_torch_and_agrees(tmp_path) -> None:
@@ -128,3 +137,28 @@ def test_the_saved_tower_loads_in_plain_torch_and_agrees(tmp_path) -> None:
         users, items = plain(torch.from_numpy(emb), ours.id_rows(ids), hist)
     assert np.allclose(items.numpy(), ours.item_vectors(emb, ids), atol=1e-5)
     assert np.allclose(users.numpy(), ours.encode_users([[4, 0, 2], [1], []], emb, ids), atol=1e-5)
+    with torch.no_grad():  # one user, as in the README
+        one, _ = plain(torch.from_numpy(emb), ours.id_rows(ids), torch.tensor([[1, 0, -1]]))
+    assert np.allclose(one.numpy(), ours.encode_users([[1, 0]], emb, ids), atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_a_stopped_run_stays_stopped() -> None:
+    from recsys.config import SequenceConfig
+    from recsys.train_sequence import SequenceExamples, fit
+
+    rng = np.random.default_rng(0)
+    n_items, ids = 12, [f"i{k}" for k in range(12)]
+    hist = np.full((40, 4), -1, dtype=np.int64)
+    hist[:, :2] = rng.integers(0, n_items, size=(40, 2))
+    train = SequenceExamples(hist, rng.integers(0, n_items, size=40), np.ones(40, np.float32))
+    valid = SequenceExamples(hist[:10], rng.integers(0, n_items, size=10), np.ones(10, np.float32))
+    emb = rng.normal(size=(n_items, 12)).astype(np.float32)
+    scfg = SequenceConfig(**{**TINY_SEQUENCE, "max_len": 4, "max_epochs": 30, "patience": 1, "batch_size": 8, "lr": 0.05})
+    states: list[dict] = []
+    model, hist_out = fit(scfg, train, emb, ids, np.arange(n_items), valid=valid, on_epoch=lambda r, st: states.append(copy.deepcopy(st)))
+    best = hist_out["best_epoch"]
+    assert hist_out["epochs"] == best + 2 < 30  # stopped one epoch after the best
+    for k, v in model.tower.state_dict().items():
+        assert torch.equal(v, states[best]["tower"][k]), k  # the best epoch's weights, not the last
+    again, h2 = fit(scfg, train, emb, ids, np.arange(n_items), valid=valid, state=states[-1])
+    assert h2["epochs"] == hist_out["epochs"]  # nothing trained on a re-run of a finished run
