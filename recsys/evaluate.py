@@ -499,21 +499,23 @@ def run(cfg: Config) -> dict[str, Any]:
             t = time.perf_counter()
             enc = _encoder(path, cfg)
             index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items)
-            texts = _query_texts(queries, text_of, enc.user_history_items)
-            bar = _Progress(len(queries), f"rank {kind} ({name})", "queries")
+            seq = sequence_towers.get(name) if kind == "next_item" else None
+            # Over the pretrained item tower, a sequence export's text user tower is zero_shot's.
+            text_user = seq is None or enc.meta.get("sequence_item_tower") == "fine_tuned"
+            texts = _query_texts(queries, text_of, enc.user_history_items) if text_user else []
+            bar = _Progress(len(texts), f"rank {kind} ({name})", "queries")
             q_parts: list[np.ndarray] = []
             ranked: list[list[str]] = []
-            for sl in _chunks(len(queries), e.embed_batch_size * 16):  # whole batches: same embeddings
+            for sl in _chunks(len(texts), e.embed_batch_size * 16):  # whole batches: same embeddings
                 q_parts.append(enc.encode_queries(texts[sl], batch_size=e.embed_batch_size))
                 ranked += index.search(q_parts[-1], kmax, exclude[sl] if exclude else None)[1]
                 bar.update(sl.stop - sl.start)
             bar.close()
             q_embs[name] = np.concatenate(q_parts) if q_parts else np.zeros((0, enc.dim), dtype=np.float32)
-            seq = sequence_towers.get(name) if kind == "next_item" else None
             if seq is None:
                 rankings[name] = ranked
             else:
-                if enc.meta.get("sequence_item_tower") == "fine_tuned":  # else the text tower is zero_shot's
+                if text_user:
                     rankings["text_tower"] = ranked
                 rankings[name] = rank_with_sequence_tower(seq, [q["history"] for q in queries], item_emb[name],
                                                           items.column("item_id").to_pylist(), kmax, exclude)
