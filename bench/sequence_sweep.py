@@ -5,7 +5,7 @@ the test split for the chosen one next to the pooled-history baseline, as ratios
 Run the prepare job first (e.g. jobs/configs/train_amazon.yaml), then:
 
     python -m bench.sequence_sweep --data runs/amazon/data --emb path/to/emb.npy \
-        --set dim=300 --set item_ids=true ...
+        --ids --set dim=300 ...
 
 `--emb` is a .npy of the catalog's text embeddings row-aligned with the items table, or a run's
 `embeddings/` parquet folder. Each `--grid key=v1,v2` adds a sweep axis.
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--emb", required=True)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--grid", action="append", default=[])
+    ap.add_argument("--ids", action="store_true", help="model.item_id_embeddings=true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -69,13 +70,14 @@ def main() -> None:
     dup = np.asarray(items.column("dup_group").to_pylist(), dtype=np.int64)
     base = {k: _parse(v) for k, v in (s.split("=", 1) for s in args.set)}
     axes = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
-    ex = {s: SequenceExamples.from_table(_table(f"{args.data}/examples/next_item/{s}"), item_ids) for s in ("train", "valid", "test")}
+    max_len = int(base.get("max_len", 50))  # one width for every combination: --set it, not --grid it
+    ex = {s: SequenceExamples.from_table(_table(f"{args.data}/examples/next_item/{s}"), item_ids, max_len) for s in ("train", "valid", "test")}
     results = []
     for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
         over = dict(base, **{k: v for (k, _), v in zip(axes, combo, strict=True)})
         scfg = SequenceConfig(**over)
         t = time.perf_counter()
-        model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=0)
+        model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=0, item_id_embeddings=args.ids)
         row: dict[str, Any] = {"settings": over, "train_s": round(time.perf_counter() - t, 1),
                                "epochs": hist["epochs"], "best_epoch": hist["best_epoch"], "params": hist["params"]}
         for split in ("valid", "test"):

@@ -247,7 +247,6 @@ class SequenceConfig(_Section):
     adaptor: Literal["moe", "linear", "none"] = "moe"
     experts: PositiveInt = 8
     adaptor_dropout: Fraction = 0.2
-    item_ids: bool = False  # set from model.item_id_embeddings
     temperature: float = Field(0.07, gt=0)
     # Softmax over the whole catalog while it has at most this many items, else in-batch sampled
     # softmax with logQ correction (train.* masking rules apply to both).

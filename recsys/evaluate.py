@@ -27,7 +27,7 @@ from recsys.config import Config, to_dict
 from recsys.encoder import RECSYS_META, TextEncoder, model_id_at, render_user_text
 from recsys.index import build_index
 from recsys.metrics import average, per_query_metrics
-from recsys.sequence import SequenceModel, has_sequence_tower, load_sequence_tower
+from recsys.sequence import SequenceCatalog, SequenceModel, has_sequence_tower, load_sequence_tower
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +226,11 @@ def rank_with_sequence_tower(
     newest first (items missing from the catalog are left out)."""
     pos = {i: n for n, i in enumerate(item_ids)}
     rows = [[pos[h] for h in hist if h in pos] for hist in histories]
-    index = build_index(model.item_vectors(text_emb, item_ids), item_ids, "exact")
+    ex_rows = [[pos[i] for i in ex if i in pos] for ex in exclude] if exclude else None
+    catalog = SequenceCatalog(model, text_emb, item_ids)  # the one history -> top-k, as served
     out: list[list[str]] = []
     for sl in _chunks(len(rows), 2048):
-        out += index.search(model.encode_users(rows[sl], text_emb, item_ids), k, exclude[sl] if exclude else None)[1]
+        out += [[item_ids[i] for i in top] for top, _ in catalog.rank(rows[sl], k, None, ex_rows[sl] if ex_rows else None)]
     return out
 
 

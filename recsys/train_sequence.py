@@ -29,7 +29,7 @@ import torch
 from recsys.config import SequenceConfig
 from recsys.losses import full_softmax_loss, sampled_softmax_loss
 from recsys.metrics import average, per_query_metrics
-from recsys.sequence import SequenceModel, SequenceTower
+from recsys.sequence import SequenceCatalog, SequenceModel, SequenceTower
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +79,14 @@ class SequenceExamples:
 
     def rank(self, model: SequenceModel, text_emb: np.ndarray, item_ids: Sequence[str], k: int, batch: int = 2048) -> list[list[str]]:
         """Full-catalog top-k item ids per example (history items not excluded, as the papers)."""
-        items = model.item_vectors(text_emb, item_ids)  # (catalog, dim)
+        catalog = SequenceCatalog(model, text_emb, item_ids)  # the one history -> top-k, as served
         hists = self.histories()
         by_length = np.argsort([len(h) for h in hists], kind="stable")  # short rows batch together
         out: list[list[str]] = [[] for _ in hists]
         for s in range(0, len(hists), batch):
             idx = by_length[s : s + batch]
-            u = model.encode_users([hists[i] for i in idx], text_emb, item_ids)  # (batch, dim)
-            scores = u @ items.T  # (batch, catalog)
-            top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
-            for i, row in zip(idx, top, strict=True):
-                out[i] = [item_ids[j] for j in row]
+            for i, (top, _) in zip(idx, catalog.rank([hists[i] for i in idx], k), strict=True):
+                out[i] = [item_ids[j] for j in top]
         return out
 
     def relevant(self, item_ids: Sequence[str]) -> list[dict[str, float]]:
@@ -122,7 +118,7 @@ def id_vocabulary(train: SequenceExamples, item_ids: Sequence[str]) -> dict[str,
 def tower_settings(scfg: SequenceConfig, item_ids: bool) -> dict[str, Any]:
     keys = ("dim", "layers", "heads", "ffn_dim", "dropout", "attention", "max_len", "adaptor", "experts", "adaptor_dropout")
     d = scfg.model_dump()
-    return {**{k: d[k] for k in keys}, "item_ids": bool(item_ids or scfg.item_ids)}
+    return {**{k: d[k] for k in keys}, "item_ids": bool(item_ids)}
 
 
 def step_loss(

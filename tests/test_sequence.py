@@ -153,7 +153,8 @@ def test_early_stopping_keeps_the_best_epoch_and_a_stopped_run_stays_stopped() -
     train = SequenceExamples(hist, rng.integers(0, n_items, size=40), np.ones(40, np.float32))
     valid = SequenceExamples(hist[:10], rng.integers(0, n_items, size=10), np.ones(10, np.float32))
     emb = rng.normal(size=(n_items, 12)).astype(np.float32)
-    scfg = SequenceConfig(**{**TINY_SEQUENCE, "max_len": 4, "max_epochs": 30, "patience": 1, "batch_size": 8, "lr": 0.05})
+    tower = {k: v for k, v in TINY_SEQUENCE.items() if k != "item_ids"}  # that one is model.item_id_embeddings
+    scfg = SequenceConfig(**{**tower, "max_len": 4, "max_epochs": 30, "patience": 1, "batch_size": 8, "lr": 0.05})
     states: list[dict] = []
     model, hist_out = fit(scfg, train, emb, ids, np.arange(n_items), valid=valid, on_epoch=lambda r, st: states.append(copy.deepcopy(st)))
     best = hist_out["best_epoch"]
