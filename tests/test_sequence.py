@@ -39,6 +39,7 @@ def test_full_softmax_masks_history_and_duplicates_but_never_the_target() -> Non
     assert not torch.allclose(got, F.cross_entropy(logits, target), atol=1e-3)  # the masks changed it
 
 
+@torch.no_grad()
 def test_tower_reads_order_and_ignores_padding_and_empty_rows() -> None:
     torch.manual_seed(0)
     tower = SequenceTower(TINY_SEQUENCE, 12, 5).eval()
