@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.serve_load import _items, _summary
+from bench.serve_load import _items, http_load
 
 
 def _exports(model: str, items: Any, root: Path) -> dict[str, dict[str, str]]:
@@ -57,37 +57,6 @@ def _exports(model: str, items: Any, root: Path) -> dict[str, dict[str, str]]:
         model_id = TextEncoder(str(root / name)).model_id
         build_index(emb, ids, model_id=model_id).save(str(root / f"{name}-index"))
         out[name] = {"model_uri": str(root / name), "index_uri": str(root / f"{name}-index")}
-    return out
-
-
-async def _load(url: str, bodies: list[dict[str, Any]], clients: int, n: int, budget_s: float) -> dict[str, float]:
-    import httpx
-
-    lat: list[float] = []
-    errors = 0
-    counter = iter(range(n))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        for b in bodies[:20]:  # warm-up
-            (await c.post("/recommend", json=b)).raise_for_status()
-        deadline = time.perf_counter() + budget_s
-
-        async def client() -> None:
-            nonlocal errors
-            for i in counter:
-                if time.perf_counter() > deadline:
-                    return
-                t = time.perf_counter()
-                r = await c.post("/recommend", json=bodies[i % len(bodies)])
-                if r.status_code != 200:
-                    errors += 1
-                    continue
-                lat.append(time.perf_counter() - t)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        out = _summary(lat, time.perf_counter() - t0)
-    out["errors"] = errors
     return out
 
 
@@ -132,7 +101,7 @@ def main() -> None:
             if tower != name:
                 raise RuntimeError(f"app {name!r} ranks users by the {tower} tower")
         for name in exports:  # one at a time: the other app idles
-            results[name] = {c: asyncio.run(_load(f"http://127.0.0.1:{port}/{name}", bodies, c, n[c], a.budget_s)) for c in clients}
+            results[name] = {c: asyncio.run(http_load(f"http://127.0.0.1:{port}/{name}", "/recommend", bodies, c, n[c], a.budget_s, 20)) for c in clients}
             for c in clients:
                 print(f"{name:9s} clients={c:2d} {results[name][c]}", flush=True)
     finally:

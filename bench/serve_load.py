@@ -105,7 +105,11 @@ def bench_in_process(model: str, items: Any, clients: int, n: int, budget_s: flo
     return _summary(lat, time.perf_counter() - t0)
 
 
-async def _http_load(url: str, clients: int, n: int, budget_s: float) -> dict[str, float]:
+async def http_load(url: str, path: str, bodies: list[dict[str, Any]], clients: int, n: int, budget_s: float,
+                    warmup: int) -> dict[str, float]:
+    """Closed-loop load: `clients` concurrent clients POST `bodies` (round robin) to `path` until
+    `n` requests or `budget_s` are done, after `warmup` unmeasured requests; latency summary and
+    the count of non-200 answers."""
     import httpx
 
     lat: list[float] = []
@@ -113,8 +117,8 @@ async def _http_load(url: str, clients: int, n: int, budget_s: float) -> dict[st
     counter = iter(range(n))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        for q in QUERIES:  # warm-up (and the first batch of the encoder)
-            (await c.post("/search", json={"query": q, "k": 10})).raise_for_status()
+        for b in bodies[:warmup]:
+            (await c.post(path, json=b)).raise_for_status()
         deadline = time.perf_counter() + budget_s
 
         async def client() -> None:
@@ -123,7 +127,7 @@ async def _http_load(url: str, clients: int, n: int, budget_s: float) -> dict[st
                 if time.perf_counter() > deadline:
                     return
                 t = time.perf_counter()
-                r = await c.post("/search", json={"query": QUERIES[i % len(QUERIES)], "k": 10})
+                r = await c.post(path, json=bodies[i % len(bodies)])
                 if r.status_code != 200:
                     errors += 1
                     continue
@@ -151,7 +155,9 @@ def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], 
     }
     try:
         serve.run(app_builder(args), name="bench", route_prefix="/")
-        return {c: asyncio.run(_http_load(f"http://127.0.0.1:{port}", c, n[c], budget_s)) for c in clients}
+        # Every query once unmeasured first (and the first batch of the encoder).
+        bodies = [{"query": q, "k": 10} for q in QUERIES]
+        return {c: asyncio.run(http_load(f"http://127.0.0.1:{port}", "/search", bodies, c, n[c], budget_s, len(bodies))) for c in clients}
     finally:
         serve.shutdown()
 
