@@ -36,6 +36,24 @@ log = logging.getLogger(__name__)
 PAD = -1
 
 
+def catalog_rows(
+    histories: Sequence[Sequence[str] | None], targets: Sequence[str], row_of: dict[str, int], max_len: int, where: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(hist (N, max_len) newest first, PAD after the last; target (N,)) as catalog rows. An item
+    missing from the catalog is an error naming it (prepare only writes examples of catalog items)."""
+    n = len(targets)
+    hist = np.full((n, max_len), PAD, dtype=np.int64)
+    target = np.empty(n, dtype=np.int64)
+    for r, (h, t) in enumerate(zip(histories, targets, strict=True)):
+        try:
+            target[r] = row_of[t]
+            rows = [row_of[i] for i in list(h if h is not None else [])[:max_len]]
+        except KeyError as e:
+            raise KeyError(f"{where}: row {r} names item {e.args[0]!r}, which is not in the catalog") from None
+        hist[r, : len(rows)] = rows
+    return hist, target
+
+
 @dataclass
 class SequenceExamples:
     hist: np.ndarray  # (N, L) int64 catalog rows, newest first, PAD after the last
@@ -44,21 +62,10 @@ class SequenceExamples:
 
     @classmethod
     def from_table(cls, table: pa.Table, item_ids: Sequence[str], max_len: int = 50, where: str = "examples") -> SequenceExamples:
-        """Rows of a next-item examples table as catalog rows. An item missing from the catalog is
-        an error naming it (prepare only writes examples of catalog items)."""
+        """Rows of a next-item examples table as catalog rows (`catalog_rows`)."""
         row_of = {i: k for k, i in enumerate(item_ids)}
-        hists = table.column("history").to_pylist()
-        targets = table.column("item_id").to_pylist()
-        n = len(targets)
-        hist = np.full((n, max_len), PAD, dtype=np.int64)
-        target = np.empty(n, dtype=np.int64)
-        for r, (h, t) in enumerate(zip(hists, targets, strict=True)):
-            try:
-                target[r] = row_of[t]
-                rows = [row_of[i] for i in (h or [])[:max_len]]
-            except KeyError as e:
-                raise KeyError(f"{where}: row {r} names item {e.args[0]!r}, which is not in the catalog") from None
-            hist[r, : len(rows)] = rows
+        hist, target = catalog_rows(table.column("history").to_pylist(), table.column("item_id").to_pylist(), row_of, max_len, where)
+        n = len(target)
         w = table.column("weight").to_numpy().astype(np.float32) if "weight" in table.column_names else np.ones(n, np.float32)
         return cls(hist, target, w)
 
@@ -251,16 +258,7 @@ STATE_FILE = "sequence_state.pt"
 
 
 def _to_rows(batch: dict[str, np.ndarray], row_of: dict[str, int], max_len: int) -> dict[str, np.ndarray]:
-    n = len(batch["item_id"])
-    hist = np.full((n, max_len), PAD, dtype=np.int64)
-    target = np.empty(n, dtype=np.int64)
-    for r in range(n):
-        try:
-            target[r] = row_of[batch["item_id"][r]]
-            rows = [row_of[i] for i in list(batch["history"][r] if batch["history"][r] is not None else [])[:max_len]]
-        except KeyError as e:
-            raise KeyError(f"next-item training examples name item {e.args[0]!r}, which is not in the items table") from None
-        hist[r, : len(rows)] = rows
+    hist, target = catalog_rows(batch["history"], batch["item_id"], row_of, max_len, "next-item training examples")
     return {"hist": hist, "target": target, "weight": np.asarray(batch["weight"], dtype=np.float32)}
 
 
