@@ -27,7 +27,7 @@ from recsys.config import Config, to_dict
 from recsys.encoder import RECSYS_META, TextEncoder, model_id_at, render_user_text
 from recsys.index import build_index
 from recsys.metrics import average, per_query_metrics
-from recsys.sequence import SequenceCatalog, SequenceModel, has_sequence_tower, load_sequence_tower
+from recsys.sequence import SequenceCatalog, SequenceModel, open_sequence_tower
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,8 @@ def run(cfg: Config) -> dict[str, Any]:
     item_emb: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     # An export with a sequence user tower ranks next-item with it (as it is served).
-    sequence_towers = {n: load_sequence_tower(p) for n, p in encoders.items() if n == "fine_tuned" and has_sequence_tower(p)}
+    # The same rule as serving: the export's metadata says whether it has one (never a folder's presence).
+    sequence_towers = {n: m for n, p in encoders.items() if n == "fine_tuned" and (m := open_sequence_tower(p)) is not None}
     for name, path in encoders.items():
         t = time.perf_counter()
         if name == "fine_tuned":

@@ -319,12 +319,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         id_of=data["id_of"])
 
 
-def _table(uri: str, cfg: Any) -> pa.Table | None:
-    from recsys.evaluate import _read_dir
-
-    return _read_dir(uri, cfg)
-
-
 def run(cfg: Any) -> dict[str, Any]:
     """Train the sequence tower over the item tower's catalog embeddings and export both.
 
@@ -342,7 +336,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from recsys import paths, storage
     from recsys.config import to_dict
     from recsys.encoder import RECSYS_META
-    from recsys.evaluate import _items, embed_catalog
+    from recsys.evaluate import _items, _read_dir, embed_catalog
     from recsys.runtime import ensure_ray
     from recsys.sequence import SequenceTower, attach_sequence_tower
 
@@ -371,7 +365,7 @@ def run(cfg: Any) -> dict[str, Any]:
         data: dict[str, Any] = {"emb": emb, "item_ids": item_ids, "item_model_id": item_model_id,
                                 "dup": items.column("dup_group").to_numpy().astype(np.int64)}
         for split in ("train", "valid"):
-            t = _table(paths.examples(cfg, "next_item", split), cfg)
+            t = _read_dir(paths.examples(cfg, "next_item", split), cfg)
             if t is None or t.num_rows == 0:
                 raise FileNotFoundError(f"no next-item {split} examples under {paths.examples(cfg, 'next_item', split)}: run the prepare job first")
             data[split] = SequenceExamples.from_table(t, item_ids, scfg.max_len, where=f"next-item {split} examples")
