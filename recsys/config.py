@@ -66,7 +66,8 @@ UriOrList = Annotated[str | list[str], BeforeValidator(_uri_or_list)]
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]  # one list of event types: recsys.schemas
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
-System = Literal["popularity", "bm25", "zero_shot", "fine_tuned"]
+# hybrid: BM25 fused with the dense ranking of fine_tuned (zero_shot when no export), see `hybrid:`.
+System = Literal["popularity", "bm25", "zero_shot", "fine_tuned", "hybrid"]
 
 
 class StorageConfig(_Section):
@@ -293,6 +294,19 @@ class EvalConfig(_Section):
     checkpoint: str = ""  # exported model dir; empty = <root>/<train.run_name>/export
 
 
+class HybridConfig(_Section):
+    """Hybrid search (recsys/hybrid.py): how BM25 and the dense ranking fuse, for the `hybrid`
+    evaluation system, the index job and `POST /search` with `mode: hybrid`."""
+
+    # auto: the best on the validation split's search queries among RRF and the convex weights
+    # 0, 0.05, ..., 1 (NDCG@10); convex / rrf: only that method (convex with `weight` when set).
+    fusion: Literal["auto", "convex", "rrf"] = "auto"
+    weight: Fraction | None = None  # convex: the dense share; None = chosen on validation
+    candidates: int = Field(100, ge=1, le=10_000)  # per retriever, before fusing
+    rrf_k: int = Field(60, ge=1)
+    split: Literal["train", "valid", "test"] = "valid"  # where the fusion is chosen; never the evaluated one
+
+
 class ServeArgs(_Section):
     """The Serve app's settings shared by the config's `serve` section and serve/app.py `AppArgs`
     (which adds what only the app takes); one definition, so the two cannot disagree."""
@@ -319,6 +333,9 @@ class ServeArgs(_Section):
     # Custom Ray resources per Encoder replica, e.g. {"serve": 1} to keep encoders on the
     # serving node pool (cluster/aws-gpu.yaml, cluster/kuberay/rayservice.yaml).
     encoder_resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    # What `POST /search` does when the request names no `mode`: dense (the towers), lexical
+    # (BM25) or hybrid (both, fused as the index job chose: recsys/hybrid.py).
+    search_mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeArgs:
@@ -384,6 +401,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     recommend: RecommendConfig = Field(default_factory=RecommendConfig)
 

@@ -8,6 +8,7 @@ index is not written here but by `build_catalog_index` (jobs.index), from the ex
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys import paths, significance, storage
+from recsys import hybrid, paths, significance, storage
 from recsys.bm25 import BM25Index
 from recsys.config import Config, to_dict
 from recsys.encoder import RECSYS_META, TextEncoder, model_id_at, render_user_text
@@ -163,9 +164,8 @@ def _rank_popularity(items: pa.Table, queries: list[dict[str, Any]], k: int, exc
     return out
 
 
-def _rank_bm25(items: pa.Table, texts: list[str], k: int, exclude: list[set[str]] | None) -> list[list[str]]:
+def _rank_bm25(items: pa.Table, retriever: BM25Index, texts: list[str], k: int, exclude: list[set[str]] | None) -> list[list[str]]:
     ids = items.column("item_id").to_pylist()
-    retriever = _bm25_scorer(items)
     extra = max((len(e) for e in exclude), default=0) if exclude else 0
     kk = min(k + extra, len(ids))
     docs = retriever.retrieve(texts, kk)
@@ -187,7 +187,7 @@ def _rerank(candidates: list[list[str]], scores: list[np.ndarray]) -> list[list[
 
 def _rerank_all(
     items: pa.Table, queries: list[dict[str, Any]], texts: list[str], q_emb: dict[str, np.ndarray],
-    item_emb: dict[str, np.ndarray], systems: Sequence[str],
+    item_emb: dict[str, np.ndarray], systems: Sequence[str], bm25: BM25Index | None = None,
 ) -> dict[str, list[list[str]]]:
     """Re-rank each query's judged items (every judged item, whatever its gain) per system."""
     pos = {i: n for n, i in enumerate(items.column("item_id").to_pylist())}
@@ -198,8 +198,8 @@ def _rerank_all(
         pop = items.column("popularity").to_numpy().astype(np.float64)
         out["popularity"] = _rerank(cands, [pop[r] for r in rows])
     if "bm25" in systems:
-        retriever = _bm25_scorer(items)
-        out["bm25"] = _rerank(cands, [retriever.scores(t, r) for t, r in zip(texts, rows, strict=True)])
+        bm25 = bm25 or _bm25_scorer(items)
+        out["bm25"] = _rerank(cands, [bm25.scores(t, r) for t, r in zip(texts, rows, strict=True)])
     for name, emb in item_emb.items():
         out[name] = _rerank(cands, [emb[r] @ q for r, q in zip(rows, q_emb[name], strict=True)])
     return out
@@ -238,6 +238,50 @@ def _query_texts(queries: list[dict[str, Any]], text_of: dict[str, str], n_hist:
     return [render_user_text(q["query"], [text_of[h] for h in q["history"] if h in text_of], n_hist) for q in queries]
 
 
+def hybrid_candidates(
+    queries: list[dict[str, Any]], bm25_texts: list[str], q_emb: np.ndarray, item_emb: np.ndarray, item_ids: list[str],
+    bm25: BM25Index, n: int, exclude: list[set[str]] | None,
+) -> list[hybrid.Candidates]:
+    pos = {i: k for k, i in enumerate(item_ids)}
+    ex_rows = [[pos[i] for i in ex if i in pos] for ex in exclude] if exclude else None
+    bar = _Progress(len(queries), "hybrid candidates", "queries")
+    out = []
+    for sl in _chunks(len(queries), 256):
+        out += hybrid.query_candidates(q_emb[sl], bm25_texts[sl], item_emb, bm25.scores, n, ex_rows[sl] if ex_rows else None)
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    return out
+
+
+def choose_hybrid_fusion(
+    cfg: Config, items: pa.Table, enc: TextEncoder, item_emb: np.ndarray, bm25: BM25Index,
+) -> tuple[hybrid.Fusion, dict[str, Any]]:
+    """The fusion for `hybrid`: the config's when it fixes one, else the best on the
+    `hybrid.split` search queries (never the evaluated split: evaluate refuses that), and a
+    record of how it was chosen. Without search queries there the parameter-free RRF is used."""
+    base = hybrid.base_fusion(cfg)
+    if not hybrid.needs_choice(cfg):
+        return base, {"chosen_on": None, "reason": "fixed by the config"}
+    split = cfg.hybrid.split
+    ex = _read_dir(paths.examples(cfg, "search", split), cfg)
+    if ex is None or ex.num_rows == 0:
+        fallback = dataclasses.replace(base, method="rrf")
+        log.warning("hybrid: no search queries in the %s split to choose the fusion on; using %s", split, fallback.describe())
+        return fallback, {"chosen_on": None, "reason": f"no search queries in the {split} split"}
+    queries = build_queries(ex, "search")
+    if cfg.eval.max_queries:
+        queries = queries[: cfg.eval.max_queries]
+    text_of = dict(zip(items.column("item_id").to_pylist(), items.column("text").to_pylist(), strict=True))
+    dense_texts = _query_texts(queries, text_of, enc.user_history_items)
+    q_emb = _encode(enc.encode_queries, dense_texts, cfg.eval.embed_batch_size, enc.dim, f"encode {split} queries (hybrid)", "queries")
+    cands = hybrid_candidates(queries, _query_texts(queries, text_of, cfg.model.user_history_items), q_emb, item_emb,
+                              items.column("item_id").to_pylist(), bm25, base.candidates, None)
+    method = cfg.hybrid.fusion
+    fusion, grid = hybrid.choose_fusion(cands, [q["relevant"] for q in queries], items.column("item_id").to_pylist(),
+                                        method=method, weight=cfg.hybrid.weight, base=base)
+    return fusion, {"chosen_on": {"split": split, "queries": len(queries), "metric": "ndcg@10", "grid": grid}}
+
+
 def _plot(curves: dict[str, dict[int, float]], title: str) -> bytes:
     import matplotlib
 
@@ -273,6 +317,8 @@ def markdown_table(metrics: dict[str, dict[str, float]], names: Sequence[str]) -
 # sequence tower that `fine_tuned` then names for next-item.
 BASELINES = ("popularity", "bm25", "zero_shot", "text_tower")
 TASK_ORDER = ("next_item", "search", "search_rerank")
+# Pairs tested beside system-vs-baseline: what hybrid adds to the dense ranking it fuses.
+EXTRA_PAIRS = (("hybrid", "fine_tuned"),)
 
 
 def headline_metrics(ks: Sequence[int]) -> list[str]:
@@ -333,6 +379,11 @@ def compare_systems(
                     except ValueError as err:
                         log.warning("no significance test of %s vs %s on %s %s: %s", system, base, task, metric, err)
                         continue
+                    rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
+        for system, base in EXTRA_PAIRS:
+            if system in systems and base in systems:
+                for metric in metric_names:
+                    r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
                     rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
     return rows
 
@@ -429,14 +480,20 @@ def build_catalog_index(cfg: Config) -> dict[str, Any]:
     export = paths.export_dir(cfg)
     if not storage.exists(storage.join(export, RECSYS_META), cfg.storage):
         raise FileNotFoundError(f"no exported model at {export}: run the train job first (or set eval.checkpoint)")
-    emb, model_id = embed_catalog(cfg, _local_export(cfg), items, paths.embeddings(cfg))
+    local = _local_export(cfg)
+    emb, model_id = embed_catalog(cfg, local, items, paths.embeddings(cfg))
     now = model_id_at(export, cfg.storage)
     if model_id != now:  # the export was replaced while the catalog was being embedded
         raise RuntimeError(f"the catalog was embedded by model {model_id}, but the export at {export} is now {now}: run again")
     index = build_index(emb, items.column("item_id").to_pylist(), cfg.eval.index, cfg.eval.exact_max_items, model_id=model_id)
-    index.save(paths.index_dir(cfg), cfg.storage)
+    # Hybrid search's half: BM25 over the same items, and the fusion chosen on validation,
+    # published with the dense index so replicas load one consistent folder.
+    bm25 = _bm25_scorer(items)
+    fusion, how = choose_hybrid_fusion(cfg, items, _encoder(local, cfg), emb, bm25)
+    index.save(paths.index_dir(cfg), cfg.storage, extra=lambda d: hybrid.save_lexical(d, bm25, fusion, how))
     out = {"index": paths.index_dir(cfg), "kind": index.kind, "items": items.num_rows, "dim": int(emb.shape[1]),
-           "embeddings": paths.embeddings(cfg), "model": export, "model_id": model_id, "wall_s": round(time.perf_counter() - t0, 1)}
+           "embeddings": paths.embeddings(cfg), "model": export, "model_id": model_id, "fusion": fusion.describe(),
+           "wall_s": round(time.perf_counter() - t0, 1)}
     log.info("index over %d items (%s) by model %s written to %s", items.num_rows, index.kind, model_id, out["index"])
     return out
 
@@ -459,6 +516,13 @@ def run(cfg: Config) -> dict[str, Any]:
         else:
             log.warning("fine_tuned skipped: no exported model at %s (run the train job first)", export)
 
+    if "hybrid" in e.systems and e.split == cfg.hybrid.split and hybrid.needs_choice(cfg):
+        raise ValueError(f"eval.split and hybrid.split are both {e.split!r}: the fusion would be chosen on the queries it is evaluated on")
+    dense_of_hybrid = "fine_tuned" if "fine_tuned" in encoders else "zero_shot" if "zero_shot" in encoders else ""
+    if "hybrid" in e.systems and not dense_of_hybrid:
+        raise ValueError("eval.systems has hybrid but neither fine_tuned (with an export) nor zero_shot to fuse BM25 with")
+    bm25_index = _bm25_scorer(items) if {"bm25", "hybrid"} & set(e.systems) else None
+    hybrid_report: dict[str, Any] = {}
     item_emb: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     # An export with a sequence user tower ranks next-item with it (as it is served).
@@ -496,7 +560,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if "popularity" in e.systems:
             rankings["popularity"] = _rank_popularity(items, queries, kmax, exclude)
         if "bm25" in e.systems:
-            rankings["bm25"] = _rank_bm25(items, _query_texts(queries, text_of, cfg.model.user_history_items), kmax, exclude)
+            rankings["bm25"] = _rank_bm25(items, bm25_index, _query_texts(queries, text_of, cfg.model.user_history_items), kmax, exclude)
         for name, path in encoders.items():
             t = time.perf_counter()
             enc = _encoder(path, cfg)
@@ -526,13 +590,23 @@ def run(cfg: Config) -> dict[str, Any]:
                                         item_emb[name], e.history_pool_items, e.history_pool_decay)
                 rankings[f"{name}+histpool"] = index.search(pooled, kmax, exclude)[1]
             timings[f"rank/{kind}/{name}_s"] = round(time.perf_counter() - t, 2)
+        if kind == "search" and "hybrid" in e.systems:
+            t = time.perf_counter()
+            enc = _encoder(encoders[dense_of_hybrid], cfg)
+            fusion, how = choose_hybrid_fusion(cfg, items, enc, item_emb[dense_of_hybrid], bm25_index)
+            cands = hybrid_candidates(queries, _query_texts(queries, text_of, cfg.model.user_history_items), q_embs[dense_of_hybrid],
+                                      item_emb[dense_of_hybrid], items.column("item_id").to_pylist(), bm25_index,
+                                      max(fusion.candidates, kmax), exclude)
+            rankings["hybrid"] = hybrid.rank_ids(cands, fusion, kmax, items.column("item_id").to_pylist())
+            hybrid_report = {"dense": dense_of_hybrid, "fusion": fusion.to_dict(), "described": fusion.describe(), **how}
+            timings["rank/search/hybrid_s"] = round(time.perf_counter() - t, 2)
         keys[prefix] = [q["key"] for q in queries]
         for name, ranked in rankings.items():
             per_query.setdefault(prefix, {})[name] = values = per_query_metrics(ranked, relevant, ks)
             metrics.setdefault(name, {}).update(average(values, prefix))
         if kind == "search" and e.rerank_judged:
             texts = _query_texts(queries, text_of, cfg.model.user_history_items)
-            reranked = _rerank_all(items, queries, texts, q_embs, item_emb, e.systems)
+            reranked = _rerank_all(items, queries, texts, q_embs, item_emb, e.systems, bm25_index)
             rprefix = f"{e.split}/search_rerank"
             keys[rprefix] = keys[prefix]
             for name, ranked in reranked.items():
@@ -557,6 +631,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 f"{storage.join(out, 'report.png')}; per-query values: {storage.join(out, PER_QUERY_FILE)}")
     settings = {"note": note, **to_dict(cfg)["eval"]}
     settings["checkpoint"] = paths.relative(cfg, settings["checkpoint"])
+    if hybrid_report:
+        settings["hybrid"] = hybrid_report
     report = {"metrics": metrics, "significance": comparisons, "settings": settings, "timings": timings,
               "per_query": PER_QUERY_FILE, "paths": "relative to storage.root"}
     storage.write_json(storage.join(out, "report.json"), paths.relative_all(report, cfg), cfg.storage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +84,14 @@ class Index:
             out_scores[i, : len(row)] = [r[1] for r in row]
         return out_scores, out_ids
 
-    def save(self, uri: str, cfg: StorageConfig | None = None) -> None:
-        """Replace whatever is at `uri` (an earlier index's files do not survive)."""
+    def save(self, uri: str, cfg: StorageConfig | None = None, extra: Callable[[Path], None] | None = None) -> None:
+        """Replace whatever is at `uri` (an earlier index's files do not survive). `extra(folder)`
+        writes what is published with the index (the BM25 index and fusion: recsys.hybrid)."""
         with tempfile.TemporaryDirectory() as tmp:
             np.save(Path(tmp) / "embeddings.npy", self.emb)
             (Path(tmp) / INDEX_META).write_text(json.dumps({"kind": self.kind, "model_id": self.model_id, "ids": self.ids}))
+            if extra is not None:
+                extra(Path(tmp))
             storage.replace_dir(tmp, uri, cfg, marker=INDEX_META)
 
 

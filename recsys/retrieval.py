@@ -67,7 +67,7 @@ def filter_mask(fields: FilterFields, filters: Mapping[str, Any] | None) -> np.n
     return keep
 
 
-def _top(scores: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k(scores: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """One query's top-k positions among the kept items: score desc, then position."""
     cand = np.flatnonzero(keep)
     if len(cand) == 0 or k <= 0:
@@ -113,7 +113,7 @@ def search(
             if ex:
                 mask = base.copy()
                 mask[ex] = False
-            out.append(_top(row, mask, k))
+            out.append(top_k(row, mask, k))
     return out
 
 

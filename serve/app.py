@@ -174,6 +174,8 @@ class Catalog:
     emb: np.ndarray  # (n_items, dim), L2-normalised, from model_id
     # recsys.sequence.SequenceCatalog over `emb` when model_id has a sequence user tower, else None.
     sequence: Any = None
+    lexical: Any = None  # recsys.bm25.BM25Index over `texts`: lexical and hybrid search
+    fusion: Any = None  # recsys.hybrid.Fusion: how hybrid search fuses the two
 
 
 def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, model_id: str = "") -> Catalog:
@@ -181,7 +183,8 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
     `model_uri`, of identity `model_id`, made it), else embedded here."""
     import pyarrow.parquet as pq
 
-    from recsys import storage
+    from recsys import hybrid, storage
+    from recsys.bm25 import BM25Index
     from recsys.retrieval import FilterFields, align_embeddings
     from recsys.sequence import SequenceCatalog, open_sequence_tower
 
@@ -198,6 +201,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         idx = load_index(index_uri, _storage_cfg(a), model_id=model_id)
         emb = align_embeddings(idx.ids, idx.emb, ids, index_uri)
         log.info("loaded the index for %d items in %.1fs", len(ids), time.perf_counter() - t)
+        lexical = hybrid.load_lexical(index_uri, _storage_cfg(a))
     else:
         encoder = _open_encoder(a, model_uri)
         if model_id and encoder.model_id != model_id:
@@ -205,6 +209,16 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         model_id = encoder.model_id
         emb = encoder.encode_items(texts)
         log.info("embedded %d items with model %s in %.1fs", len(ids), model_id, time.perf_counter() - t)
+        lexical = None
+    if lexical is not None:
+        bm25, fusion = lexical[0], lexical[1]
+        if bm25.item_ids is not None and bm25.item_ids != ids:
+            raise ValueError(f"the BM25 index at {index_uri} covers other items than {items_uri}: rebuild it with `python -m jobs.index`")
+    else:
+        # No BM25 saved with an index (none given, or one built before hybrid search): built here
+        # from the same texts, fused by the parameter-free RRF (nothing chose a weight).
+        bm25, fusion = BM25Index.build(texts, ids), hybrid.Fusion()
+        log.info("built BM25 over %d items at start-up; hybrid search fuses by %s", len(ids), fusion.describe())
     # Loaded with the catalog and swapped with it as one object: a user vector always meets item
     # vectors of its own model. Refused if the export changed from `model_id` meanwhile.
     tower = open_sequence_tower(model_uri, _storage_cfg(a), model_id)
@@ -218,6 +232,8 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         fields=FilterFields.from_rows(meta),
         emb=emb,
         sequence=SequenceCatalog(tower, emb, ids) if tower is not None else None,
+        lexical=bm25,
+        fusion=fusion,
     )
 
 
@@ -249,6 +265,28 @@ class Retriever:
         # The same ranking as the batch job (recsys.recommend): one implementation of both.
         excluded = [c.index[i] for i in exclude or [] if i in c.index]
         top, scores = retrieval.search(c.emb, q[None], k, retrieval.filter_mask(c.fields, filters), [excluded])[0]
+        return [{**c.meta[i], "score": float(s)} for i, s in zip(top, scores, strict=True)]
+
+    def search_hybrid(self, q: np.ndarray, text: str, k: int, filters: dict[str, Any] | None, model_id: str) -> list[dict[str, Any]]:
+        """Dense and BM25 scores fused (recsys.hybrid, as the `hybrid` evaluation system); `score`
+        is the fused score, `dense_score` and `lexical_score` the two it came from."""
+        from recsys import hybrid, retrieval
+
+        c = self._catalog_of(model_id)
+        dense = c.emb @ q  # (n_items,)
+        lexical = c.lexical.scores(text)  # (n_items,)
+        top, scores = hybrid.fuse(dense, lexical, retrieval.filter_mask(c.fields, filters), k, c.fusion)
+        return [{**c.meta[i], "score": float(s), "dense_score": float(dense[i]), "lexical_score": float(lexical[i])}
+                for i, s in zip(top, scores, strict=True)]
+
+    def search_lexical(self, text: str, k: int, filters: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """BM25 alone: only items sharing a token with the query come back."""
+        from recsys import retrieval
+
+        c = self.catalog
+        lexical = c.lexical.scores(text)  # (n_items,)
+        keep = retrieval.filter_mask(c.fields, filters) & (lexical > 0)
+        top, scores = retrieval.top_k(lexical, keep, k)
         return [{**c.meta[i], "score": float(s)} for i, s in zip(top, scores, strict=True)]
 
     def recommend(self, history: list[str], k: int, filters: dict[str, Any] | None, exclude: list[str] | None) -> dict[str, Any]:
@@ -361,6 +399,8 @@ class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     k: int = Field(10, ge=1, le=MAX_K)
     filters: Filters | None = None
+    # dense (the towers), lexical (BM25) or hybrid (both fused); None = the app's `search_mode`.
+    mode: Literal["dense", "lexical", "hybrid"] | None = None
 
     @model_validator(mode="after")
     def _not_blank(self) -> "SearchRequest":
@@ -432,6 +472,7 @@ class Ingress:
     def __init__(self, encoder: Any, retriever: Any, profiles: Any, args: dict[str, Any]) -> None:
         self.encoder, self.retriever, self.profiles = encoder, retriever, profiles
         a = AppArgs(**args)
+        self.search_mode = a.search_mode
         self.token = a.auth_token or (os.environ.get(a.auth_token_env, "") if a.auth_token_env else "")
         if a.auth_token_env and not self.token:
             raise ValueError(f"auth_token_env={a.auth_token_env!r} names an unset or empty environment variable")
@@ -526,7 +567,14 @@ class Ingress:
     async def search(self, body: SearchRequest, request: Request) -> dict[str, Any]:
         self._auth(request)
         filters = body.filters.model_dump() if body.filters else None
-        return {"items": await self._retrieve(self.encoder.encode_query, body.query.strip(), self.retriever.search, body.k, filters, None)}
+        text, mode = body.query.strip(), body.mode or self.search_mode
+        if mode == "lexical":
+            items = await self._call(self.retriever.search_lexical, text, body.k, filters)
+        elif mode == "hybrid":
+            items = await self._retrieve(self.encoder.encode_query, text, self.retriever.search_hybrid, text, body.k, filters)
+        else:
+            items = await self._retrieve(self.encoder.encode_query, text, self.retriever.search, body.k, filters, None)
+        return {"items": items, "mode": mode}
 
     @api.post("/recommend")
     async def recommend(self, body: RecommendRequest, request: Request) -> dict[str, Any]:
@@ -635,6 +683,7 @@ def app_args(cfg: Any) -> dict[str, Any]:
         "replica_cpus": s.replica_cpus,
         "encoder_gpus": s.encoder_gpus,
         "encoder_resources": s.encoder_resources,
+        "search_mode": s.search_mode,
         # Keys stay empty unless the config names them: replicas then read the environment.
         "s3_endpoint": cfg.storage.s3_endpoint,
         "s3_access_key": cfg.storage.s3_access_key,

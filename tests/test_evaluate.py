@@ -162,6 +162,13 @@ def test_serving_index_is_the_exports_and_refused_for_another_model(ray_cluster,
     (part,) = storage.list_files(paths.embeddings(cfg), cfg.storage, ".parquet")
     assert pq.read_schema(part).metadata[b"recsys.model_id"] == model_a.encode()
     assert app_args(cfg)["index_uri"] == paths.index_dir(cfg)
+    # Issue 16: the BM25 index and the fusion chosen on the valid split are published with it.
+    from recsys import hybrid
+
+    bm25, fusion, record = hybrid.load_lexical(paths.index_dir(cfg), cfg.storage)
+    assert bm25.item_ids == load_index(paths.index_dir(cfg)).ids
+    assert record["chosen_on"]["split"] == "valid" and record["chosen_on"]["queries"] > 0
+    assert fusion.describe() == out["fusion"] and record["chosen_on"]["grid"][fusion.describe()] == max(record["chosen_on"]["grid"].values())
 
     # Retrained to the same path: the old index is refused for the new model, before deploying.
     model = build_two_tower(cfg.model)
@@ -262,3 +269,32 @@ def test_pooled_history_is_the_decayed_normalised_sum() -> None:
     np.testing.assert_allclose(got[0], want0, atol=1e-6)
     np.testing.assert_allclose(got[1], [0, 0])
     np.testing.assert_allclose(got[2], want2, atol=1e-6)
+
+
+def test_hybrid_system_fuses_bm25_with_the_dense_ranking_chosen_on_valid(ray_cluster, tiny_model, tmp_path) -> None:
+    from recsys import evaluate, hybrid
+    from recsys.data import prepare
+
+    cfg = load_config(REPO / "jobs/configs/pipeline_tiny.yaml", [f"model.name_or_path={tiny_model}", "train.task=search",
+                                                                 "eval.systems=[bm25,zero_shot,hybrid]", "eval.ks=[5,10]"])
+    cfg.storage.root = str(tmp_path / "root")
+    prepare.run(cfg)
+    result = evaluate.run(cfg)
+    m = result["metrics"]
+    assert set(m) == {"bm25", "zero_shot", "hybrid"}
+    report = json.loads((Path(paths.eval_dir(cfg)) / "report.json").read_text())
+    how = report["settings"]["hybrid"]
+    assert how["dense"] == "zero_shot" and how["chosen_on"]["split"] == "valid" and how["chosen_on"]["queries"] > 0
+    grid = how["chosen_on"]["grid"]
+    assert len(grid) == 1 + len(hybrid.WEIGHT_GRID) and grid[how["described"]] == max(grid.values())
+    pairs = {(c["system"], c["baseline"]) for c in report["significance"] if c["task"] == "test/search"}
+    assert {("hybrid", "bm25"), ("hybrid", "zero_shot")} <= pairs
+    # A fixed fusion, all dense, over candidates covering the catalog is the dense ranking itself.
+    cfg.hybrid.fusion, cfg.hybrid.weight, cfg.hybrid.candidates = "convex", 1.0, 10_000
+    fixed = evaluate.run(cfg)["metrics"]
+    assert fixed["hybrid"]["test/search/ndcg@10"] == pytest.approx(fixed["zero_shot"]["test/search/ndcg@10"])
+    assert fixed["hybrid"]["test/search/recall@10"] == pytest.approx(fixed["zero_shot"]["test/search/recall@10"])
+    assert json.loads((Path(paths.eval_dir(cfg)) / "report.json").read_text())["settings"]["hybrid"]["chosen_on"] is None
+    cfg.hybrid.fusion, cfg.eval.split = "auto", "valid"
+    with pytest.raises(ValueError, match="hybrid.split"):
+        evaluate.run(cfg)

@@ -92,12 +92,68 @@ def test_health_ready_and_openapi(service) -> None:
 
 def test_search_matches_offline_and_filters(service) -> None:
     c = service["client"]
-    r = c.post("/search", json={"query": "running shoes", "k": 5})
+    r = c.post("/search", json={"query": "running shoes", "k": 5, "mode": "dense"})
     assert r.status_code == 200, r.text
     got = [i["item_id"] for i in r.json()["items"]]
     assert got == _offline(service["model"], service["table"], "running shoes", 5)
     f = c.post("/search", json={"query": "coffee", "k": 5, "filters": {"category": "Home > Kitchen", "max_price": 100}})
     assert [i["item_id"] for i in f.json()["items"]] == ["P3"]
+
+
+def _fused_offline(model: str, table: pa.Table, text: str, k: int, fusion, keep=None) -> list[tuple[str, float]]:
+    from recsys import hybrid
+    from recsys.bm25 import BM25Index
+
+    enc = TextEncoder(model)
+    dense = enc.encode_items(table.column("text").to_pylist()) @ enc.encode_queries([text])[0]
+    lexical = BM25Index.build(table.column("text").to_pylist()).scores(text)
+    allowed = np.ones(len(dense), dtype=bool) if keep is None else keep
+    top, scores = hybrid.fuse(dense, lexical, allowed, k, fusion)
+    ids = table.column("item_id").to_pylist()
+    return [(ids[i], float(s)) for i, s in zip(top, scores, strict=True)]
+
+
+def test_search_modes_lexical_and_hybrid_match_offline(service, tmp_path) -> None:
+    """Issue 16: `mode` picks dense, lexical (BM25) or hybrid (both fused); the default is the
+    config's (hybrid). Without a saved BM25 index the replica builds one and fuses by RRF; with
+    one saved beside the index (jobs.index), it uses that index's fusion."""
+    from ray import serve
+
+    from recsys import hybrid
+    from recsys.bm25 import BM25Index
+    from recsys.index import build_index
+    from serve.app import app_builder
+
+    c, table, model = service["client"], service["table"], service["model"]
+    query = "running shoe coffee"
+    lex = c.post("/search", json={"query": query, "k": 8, "mode": "lexical"})
+    assert lex.status_code == 200 and lex.json()["mode"] == "lexical"
+    bm25 = BM25Index.build(table.column("text").to_pylist()).scores(query)
+    want = sorted((i for i in range(len(TITLES)) if bm25[i] > 0), key=lambda i: (-bm25[i], i))
+    assert [h["item_id"] for h in lex.json()["items"]] == [TITLES[i][0] for i in want]  # only token matches
+    default = c.post("/search", json={"query": query, "k": 5})
+    assert default.json()["mode"] == "hybrid"
+    _same(_ranked(default.json()["items"]), _fused_offline(model, table, query, 5, hybrid.Fusion()))
+    cheap = c.post("/search", json={"query": query, "k": 5, "filters": {"max_price": 90}}).json()["items"]
+    _same(_ranked(cheap), _fused_offline(model, table, query, 5, hybrid.Fusion(), keep=np.array([t[3] <= 90 for t in TITLES])))
+    assert {"dense_score", "lexical_score"} <= set(default.json()["items"][0])
+
+    # A saved index carries its BM25 index and fusion: the replica serves exactly that fusion.
+    enc = TextEncoder(model)
+    ids, texts = table.column("item_id").to_pylist(), table.column("text").to_pylist()
+    fusion = hybrid.Fusion("convex", 0.2, candidates=3)
+    build_index(enc.encode_items(texts), ids, model_id=enc.model_id).save(
+        str(tmp_path / "index"), extra=lambda d: hybrid.save_lexical(d, BM25Index.build(texts, ids), fusion, {"chosen_on": None}))
+    args = {"model_uri": model, "items_uri": service["items_dir"], "index_uri": str(tmp_path / "index"), "max_replicas": 1,
+            "replica_cpus": 0.2, "search_mode": "lexical"}
+    serve.run(app_builder(args), name="fused", route_prefix="/fused")
+    try:
+        assert c.post("/fused/search", json={"query": query, "k": 5}).json()["mode"] == "lexical"  # the app's default
+        r = c.post("/fused/search", json={"query": query, "k": 5, "mode": "hybrid"})
+        _same(_ranked(r.json()["items"]), _fused_offline(model, table, query, 5, fusion))
+        assert _ranked(r.json()["items"]) != _ranked(default.json()["items"]), "the saved fusion must differ from RRF here"
+    finally:
+        serve.delete("fused")
 
 
 def test_recommend_matches_offline_and_events_change_it(service) -> None:
@@ -139,6 +195,7 @@ def test_score_one_per_item(service) -> None:
         ("/search", {"query": "x", "k": 5000}, 422, "k"),
         ("/search", {"query": "   "}, 422, "empty"),
         ("/search", {"query": "x" * 1001}, 422, "query"),
+        ("/search", {"query": "x", "mode": "semantic"}, 422, "mode"),
         ("/score", {"query": "x", "item_ids": ["P1", "NOPE"]}, 404, "NOPE"),
         ("/score", {"query": "x", "item_ids": ["P1"] * 1001}, 422, "item_ids"),
         ("/recommend", {"k": 3}, 422, "user_id"),
@@ -256,7 +313,7 @@ def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, 
     def hammer() -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{service['port']}", timeout=60) as hc:
             while not stop.is_set():
-                r = hc.post("/swap/search", json={"query": query, "k": 8})
+                r = hc.post("/swap/search", json={"query": query, "k": 8, "mode": "dense"})
                 ok = r.status_code == 200
                 answers.append((time.monotonic(), r.status_code, [i["item_id"] for i in r.json()["items"]] if ok else r.text[:300]))
 
@@ -396,8 +453,8 @@ def test_the_batch_job_answers_as_the_served_app(service, tmp_path) -> None:
     build_index(enc.encode_items(table.column("text").to_pylist()), table.column("item_id").to_pylist(),
                 model_id=enc.model_id).save(str(tmp_path / "index"))
     requests = [
-        ({"query": "running shoes"}, "/search", {"query": "running shoes"}),
-        ({"query": "coffee"}, "/search", {"query": "coffee"}),
+        ({"query": "running shoes"}, "/search", {"query": "running shoes", "mode": "dense"}),
+        ({"query": "coffee"}, "/search", {"query": "coffee", "mode": "dense"}),
         ({"history": ["P3", "P4"]}, "/recommend", {"recent_item_ids": ["P3", "P4"]}),
         # The app's live profile (a click, then a purchase, which it excludes) as a file row.
         ({"history": ["P5", "P8"], "exclude": ["P8"]}, "/recommend", {"user_id": "u-batch"}),
@@ -511,7 +568,7 @@ def test_an_export_with_a_sequence_tower_recommends_by_it(service, tmp_path, att
         np.testing.assert_allclose(r.json()["scores"], [by_id["P6"], by_id["P1"]], atol=1e-5)
         assert c.post("/seq/recommend", json={"user_id": "nobody", "k": 3}).status_code == 404
         # Search is the text towers' still.
-        s = c.post("/seq/search", json={"query": "running shoes", "k": 5})
+        s = c.post("/seq/search", json={"query": "running shoes", "k": 5, "mode": "dense"})
         assert [i["item_id"] for i in s.json()["items"]] == _offline(str(seq), table, "running shoes", 5)
 
         # The batch job ranks a history (no query) by the tower as the app does, a query by text.
@@ -523,7 +580,7 @@ def test_an_export_with_a_sequence_tower_recommends_by_it(service, tmp_path, att
                 {"query": "running shoes", "source": "t"}]
         batch = recommend.rank_in_process(cfg, rows).to_pylist()
         served = [rec({"recent_item_ids": ["P3", "P4"], "k": 5, "filters": {"min_price": 35.0}}), merged[:5],
-                  _ranked(c.post("/seq/search", json={"query": "running shoes", "k": 5, "filters": {"min_price": 35.0}}).json()["items"])]
+                  _ranked(c.post("/seq/search", json={"query": "running shoes", "k": 5, "mode": "dense", "filters": {"min_price": 35.0}}).json()["items"])]
         for got, want in zip(batch, served, strict=True):
             assert got["error"] is None, got
             _same(list(zip(got["item_ids"], got["scores"], strict=True)), want)
