@@ -200,6 +200,11 @@ class TrainConfig(_Section):
     # encoded by the item tower and added to that row's softmax. 0 = in-batch negatives only.
     hard_negatives: int = Field(0, ge=0)
     hard_negative_pool: int = Field(10, ge=0)
+    # Cross-batch memory (recsys.losses.Memory): the last `memory_size` positive item embeddings
+    # of the global batch join every row's softmax as negatives (masked and logQ-corrected like
+    # in-batch ones) from step `memory_start_step` on. 0 = in-batch negatives only.
+    memory_size: int = Field(0, ge=0, le=1_000_000)
+    memory_start_step: int = Field(0, ge=0)
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 1
     # Restarts of a failed worker group (-1 = unlimited, as in Ray's FailureConfig).

@@ -62,6 +62,7 @@ def sampled_softmax_loss(
     logq: torch.Tensor | None = None,  # (batch,) log sampling probability of each positive item
     hard_negatives: torch.Tensor | None = None,  # (batch, n, dim) extra negatives per row
     hard_logq: torch.Tensor | None = None,  # (batch, n) log Q of each hard negative; needed with logq
+    memory: Memory | None = None,  # earlier steps' items: more negatives (cross-batch memory)
     gather: bool = True,
 ) -> torch.Tensor:
     """Softmax over the global batch's items; accidental hits masked; logQ-corrected.
@@ -69,7 +70,7 @@ def sampled_softmax_loss(
     Accidental hits never count as negatives of a row: its own item (wherever it sits in the
     batch), items of its duplicate group, its history, and the positives of other rows of the
     same group (`group_keys`: the same user's other next items, the same query's other relevant
-    products)."""
+    products). `memory` items are extra negatives under the same masks and logQ correction."""
     rank, world = _world()
     b = q.shape[0]
     if isinstance(temperature, torch.Tensor):
@@ -104,6 +105,20 @@ def sampled_softmax_loss(
         mask |= group_keys[:, None] == groups_all[None, :]
     mask[torch.arange(b, device=q.device), labels] = False
     logits = logits.masked_fill(mask, _MASK_VALUE)
+    if memory is not None and len(memory):
+        ml = q.float() @ memory.emb.float().T / temperature  # (batch, M)
+        if logq is not None:
+            ml = ml - memory.logq[None, :]
+        # A memory item is the same product, a duplicate, a history item or another answer of
+        # the row's query / user exactly as an in-batch item would be: never a negative then.
+        mmask = item_keys[:, None] == memory.item_keys[None, :] if item_keys is not None else torch.zeros_like(ml, dtype=torch.bool)
+        if item_keys is not None and history_keys is not None and history_keys.numel():
+            mmask |= ((history_keys[:, :, None] == memory.item_keys[None, None, :]) & (history_keys[:, :, None] >= 0)).any(dim=1)
+        if dup_keys is not None:
+            mmask |= dup_keys[:, None] == memory.dup_keys[None, :]
+        if group_keys is not None:
+            mmask |= group_keys[:, None] == memory.group_keys[None, :]
+        logits = torch.cat([logits, ml.masked_fill(mmask, _MASK_VALUE)], dim=1)
     if hard_negatives is not None:
         hn = torch.einsum("bd,bnd->bn", q.float(), hard_negatives.float()) / temperature  # (batch, n)
         if logq is not None:
@@ -123,6 +138,39 @@ def sampled_softmax_loss(
         dist.all_reduce(total)
         total = total / world
     return (per_row * w).sum() / total.clamp(min=1e-12)
+
+
+class Memory:
+    """Cross-batch memory (Wang et al., 2020, XBM): the item embeddings of the last `size`
+    positives of the global batch, detached, with what masking and logQ need. Each step adds
+    thousands of negatives for one matrix product. The embeddings come from the encoder of the
+    step that made them, at most size / global batch steps old; with a small learning rate they
+    drift slowly, which is why XBM starts only after the warm-up. Every rank holds the same
+    memory (it stores the gathered batch). It is not checkpointed: a resumed run refills it."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"memory size must be >= 1, got {size}")
+        self.size = size
+        self.emb = torch.zeros(0, 0)  # (M, dim)
+        self.item_keys = self.dup_keys = self.group_keys = torch.zeros(0, dtype=torch.int64)  # (M,)
+        self.logq = torch.zeros(0)  # (M,)
+
+    def __len__(self) -> int:
+        return self.emb.shape[0]
+
+    def add(self, d: torch.Tensor, item_keys: torch.Tensor, dup_keys: torch.Tensor, group_keys: torch.Tensor, logq: torch.Tensor) -> None:
+        """Append this step's positives (local rows: gathered here across ranks), newest last."""
+        _, world = _world()
+        parts = [d.detach().float(), item_keys, dup_keys, group_keys, logq.float()]
+        if world > 1:
+            parts = [_gather_no_grad(x) for x in parts]
+        if not len(self):
+            self.emb = parts[0][:0]
+            self.item_keys, self.dup_keys, self.group_keys, self.logq = (x[:0] for x in parts[1:])
+        cut = lambda old, new: torch.cat([old, new])[-self.size:]  # noqa: E731
+        self.emb, self.item_keys, self.dup_keys = cut(self.emb, parts[0]), cut(self.item_keys, parts[1]), cut(self.dup_keys, parts[2])
+        self.group_keys, self.logq = cut(self.group_keys, parts[3]), cut(self.logq, parts[4])
 
 
 class SampledSoftmaxLoss(nn.Module):
@@ -166,6 +214,7 @@ class SampledSoftmaxLoss(nn.Module):
         hard_negatives: torch.Tensor | None = None,
         hard_logq: torch.Tensor | None = None,
         group_keys: torch.Tensor | None = None,
+        memory: Memory | None = None,
     ) -> torch.Tensor:
         return sampled_softmax_loss(
             q,
@@ -179,6 +228,7 @@ class SampledSoftmaxLoss(nn.Module):
             logq=logq if self.logq_correction else None,
             hard_negatives=hard_negatives,
             hard_logq=hard_logq,
+            memory=memory,
             gather=self.gather,
         )
 

@@ -31,7 +31,7 @@ from torch import nn
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, to_dict, to_yaml
 from recsys.encoder import render_user_text
-from recsys.losses import SampledSoftmaxLoss, item_key
+from recsys.losses import Memory, SampledSoftmaxLoss, item_key
 from recsys.runtime import ensure_ray, print_progress
 
 log = logging.getLogger(__name__)
@@ -249,21 +249,28 @@ class Featurize:
 class TrainStep(nn.Module):
     """Towers + loss in one module, so DeepSpeed owns every trainable parameter (incl. temperature)."""
 
-    def __init__(self, towers: nn.Module, loss: SampledSoftmaxLoss) -> None:
+    def __init__(self, towers: nn.Module, loss: SampledSoftmaxLoss, memory_size: int = 0) -> None:
         super().__init__()
         self.towers = towers
         self.loss = loss
+        # Cross-batch memory: filled from the first step, used as negatives once `use_memory`
+        # is set (the training loop sets it after train.memory_start_step).
+        self.memory = Memory(memory_size) if memory_size else None
+        self.use_memory = False
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         q, d = self.towers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"])  # (batch, dim) each
         hard = None
         if "h_ids" in b:
             hard = self.towers.encode_item(b["h_ids"], b["h_mask"]).view(q.shape[0], -1, d.shape[-1])  # (batch, n, dim)
-        return self.loss(
+        loss = self.loss(
             q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
             history_keys=b["history_keys"], group_keys=b.get("group_keys"), logq=b["logq"],
-            hard_negatives=hard, hard_logq=b.get("h_logq"),
+            hard_negatives=hard, hard_logq=b.get("h_logq"), memory=self.memory if self.use_memory else None,
         )
+        if self.memory is not None and self.training:
+            self.memory.add(d, b["item_keys"], b["dup_keys"], b["group_keys"], b["logq"])
+        return loss
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -391,6 +398,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         build_two_tower(cfg.model),
         SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history,
                            t.mask_duplicates, t.mask_same_group),
+        memory_size=t.memory_size,
     )
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
@@ -447,6 +455,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seen.update(tensors["weights"].numpy().tobytes())
             b = {k: v.to(device) for k, v in tensors.items()}
             t_wait += time.perf_counter() - t_fetch
+            module.use_memory = engine.global_steps >= t.memory_start_step
             loss = engine(b)
             engine.backward(loss)
             engine.step()

@@ -161,3 +161,83 @@ def test_two_workers_match_one_worker_on_the_same_weighted_global_batch(tmp_path
     # Without gathering, each worker sees only half the negatives: a different objective.
     local = _loss(_tower(), b, slice(0, 4))
     assert abs(local.item() - ref.item()) > 1e-3
+
+
+def _memory(emb, keys, dups, groups, logq):
+    from recsys.losses import Memory
+
+    m = Memory(16)
+    m.add(torch.tensor(emb), torch.tensor(keys), torch.tensor(dups), torch.tensor(groups), torch.tensor(logq))
+    return m
+
+
+def test_memory_items_are_negatives_masked_and_logq_corrected_by_hand() -> None:
+    """Issue 16: cross-batch memory items join every row's softmax; one that is the row's own
+    item, a duplicate, a history item or another answer of its group is not a negative."""
+    t = 0.5
+    keys, dups, groups = torch.tensor([10, 11]), torch.tensor([100, 101]), torch.tensor([7, 8])
+    logq = torch.tensor([-1.0, -2.0])
+    # Memory: m0 = row 0's item again, m1 = a duplicate of row 1's item, m2 = row 1's history,
+    # m3 = another answer of row 0's group, m4 = a plain negative for both.
+    mem = _memory([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0], [0.3, 0.3], [0.8, 0.6]],
+                  [10, 50, 60, 70, 80], [100, 101, 600, 700, 800], [9, 9, 9, 7, 9], [-1.0, -3.0, -4.0, -5.0, -6.0])
+    hist = torch.tensor([[-1], [60]])
+    got = sampled_softmax_loss(Q, D, temperature=t, item_keys=keys, dup_keys=dups, history_keys=hist, group_keys=groups,
+                               logq=logq, memory=mem)
+    # Row 0 (q = [1, 0]) keeps m1, m2, m4; row 1 (q = [0, 1]) keeps m0, m3, m4.
+    row0 = [1.0 / t + 1.0, 0.6 / t + 2.0, 0.0 / t + 3.0, 1.0 / t + 4.0, 0.8 / t + 6.0]
+    row1 = [0.0 / t + 1.0, 0.8 / t + 2.0, 0.5 / t + 1.0, 0.3 / t + 5.0, 0.6 / t + 6.0]
+    expected = (_ce(row0, 0) + _ce(row1, 1)) / 2
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() != pytest.approx(sampled_softmax_loss(Q, D, temperature=t, item_keys=keys, dup_keys=dups, history_keys=hist,
+                                                            group_keys=groups, logq=logq).item(), rel=1e-3)
+
+
+def test_memory_keeps_the_newest_size_rows() -> None:
+    from recsys.losses import Memory
+
+    m = Memory(3)
+    for step in range(3):  # 2 rows a step
+        k = torch.tensor([2 * step, 2 * step + 1])
+        m.add(torch.full((2, 4), float(step)), k, k, k, torch.zeros(2))
+    assert len(m) == 3 and m.item_keys.tolist() == [3, 4, 5] and m.emb[:, 0].tolist() == [1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="memory size"):
+        Memory(0)
+
+
+def test_train_step_fills_its_memory_and_uses_it_once_switched_on() -> None:
+    from recsys.config import ModelConfig
+    from recsys.encoder import make_tiny_bert
+    from recsys.model import build_two_tower
+    from recsys.train import TrainStep
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = ModelConfig(name_or_path=make_tiny_bert(d))
+        torch.manual_seed(0)
+        step = TrainStep(build_two_tower(cfg), SampledSoftmaxLoss(gather=False), memory_size=8)
+    ids = torch.randint(5, 100, (4, 6))
+    b = {"q_ids": ids, "q_mask": torch.ones_like(ids), "d_ids": ids.flip(0), "d_mask": torch.ones_like(ids),
+         "weights": torch.ones(4), "item_keys": torch.arange(4), "dup_keys": torch.arange(4), "history_keys": torch.full((4, 1), -1),
+         "group_keys": torch.arange(4), "logq": torch.zeros(4)}
+    step.train()  # the memory fills in training only; the seed fixes dropout across calls
+
+    def run(batch):
+        torch.manual_seed(1)
+        return step(batch).item()
+
+    plain = run(b)
+    assert len(step.memory) == 4
+    assert run(b) == pytest.approx(plain, rel=1e-5)  # memory off: in-batch only
+    step.use_memory = True
+    other = {**b, "item_keys": torch.arange(4) + 10, "dup_keys": torch.arange(4) + 10, "group_keys": torch.arange(4) + 10}
+    assert run(other) > plain + 1e-3  # 8 more negatives (the memory's items are other products)
+    assert len(step.memory) == 8
+    # The same products in memory are masked for their own rows: the row's own item is no negative.
+    step.memory = type(step.memory)(8)
+    step.use_memory = False
+    run(b)
+    step.use_memory = True
+    with_self = run(b)
+    assert with_self > plain + 1e-3 and with_self < run(other)
