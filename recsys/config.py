@@ -205,6 +205,15 @@ class TrainConfig(_Section):
     # in-batch ones) from step `memory_start_step` on. 0 = in-batch negatives only.
     memory_size: int = Field(0, ge=0, le=1_000_000)
     memory_start_step: int = Field(0, ge=0)
+    # Validation while training (recsys/validation.py): every `eval_every` steps (and at the
+    # last) the towers rank the whole catalog for the valid split's queries (`eval_queries`
+    # of them, a fixed sample; 0 = all); the export is the evaluation best by `eval_metric`
+    # (averaged over next_item and search for task both), not the last step. Training stops
+    # after `early_stopping_patience` evaluations without a better one (0 = never). 0 = off.
+    eval_every: int = Field(0, ge=0)
+    eval_queries: int = Field(0, ge=0)
+    eval_metric: str = Field("ndcg@10", pattern=r"^(ndcg|recall|mrr|hit_rate)@[1-9][0-9]*$")
+    early_stopping_patience: int = Field(0, ge=0)
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 1
     # Restarts of a failed worker group (-1 = unlimited, as in Ray's FailureConfig).
@@ -220,6 +229,12 @@ class TrainConfig(_Section):
     tokenize_cpus: float = Field(0.5, gt=0)
     run_name: str = Field("train", min_length=1)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _patience_needs_evaluations(self) -> TrainConfig:
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience counts evaluations: set eval_every too")
+        return self
 
     @model_validator(mode="after")
     def _pool_holds_negatives(self) -> TrainConfig:

@@ -130,22 +130,25 @@ def _write_sentence_transformers(encoder: nn.Module, tokenizer: Any, out: Path, 
 
 def export_model(
     model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out_dir: str | Path,
-    storage_cfg: StorageConfig | None = None,
+    storage_cfg: StorageConfig | None = None, training: dict[str, Any] | None = None,
 ) -> str:
     """Write the consolidated model to `out_dir` (local path or object-store URI), replacing
     whatever an earlier export left there: a sentence-transformers folder (HF weights inside) per
     tower, and RECSYS_META with the settings and the model's identity `model_id`.
 
     Call on one process with full (gathered, fp32) parameters. Returns `out_dir` as a string.
+    `training`: what the metadata records of how these weights were chosen (the best
+    validation step), outside the model's identity.
     """
     with tempfile.TemporaryDirectory(prefix="recsys-export-") as tmp:
-        model_id = _write_export(model, tokenizer, mcfg, cfg_dict, Path(tmp))
+        model_id = _write_export(model, tokenizer, mcfg, cfg_dict, Path(tmp), training)
         storage.replace_dir(tmp, str(out_dir), storage_cfg, marker=RECSYS_META)
     log.info("exported model %s to %s", model_id, out_dir)
     return str(out_dir)
 
 
-def _write_export(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out: Path) -> str:
+def _write_export(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: dict[str, Any], out: Path,
+                  training: dict[str, Any] | None = None) -> str:
     if mcfg.separate_towers and model.item_encoder is not None:
         _write_sentence_transformers(model.query_encoder, tokenizer, out / "query", mcfg, model.projection, mcfg.max_query_tokens)
         _write_sentence_transformers(model.item_encoder, tokenizer, out / "item", mcfg, model.projection, mcfg.max_item_tokens)
@@ -169,6 +172,8 @@ def _write_export(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: 
     # Over the weights just written and the settings, not the training config: re-exporting the
     # same weights gives the same id, any change to them a new one.
     meta["model_id"] = model_identity(out, meta)
+    if training:
+        meta["training"] = training
     (out / RECSYS_META).write_text(json.dumps(meta, indent=2))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
     return str(meta["model_id"])

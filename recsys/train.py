@@ -33,6 +33,7 @@ from recsys.config import Config, config_from_dict, to_dict, to_yaml
 from recsys.encoder import render_user_text
 from recsys.losses import Memory, SampledSoftmaxLoss, item_key
 from recsys.runtime import ensure_ray, print_progress
+from recsys.validation import headline
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ def _read_metrics(cfg: Config) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, rank: int) -> str:
+def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, rank: int, training: dict[str, Any] | None = None) -> str:
     """Gather (ZeRO-3) full parameters, rebuild a plain fp32 model on rank 0 and export it."""
     import deepspeed
 
@@ -372,7 +373,7 @@ def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, ra
             fresh = build_two_tower(cfg.model, dtype=torch.float32)
             fresh.load_state_dict(state)
             # Replaces the previous run's export at this path (no stale files), with a new model_id.
-            export_model(fresh, tokenizer, cfg.model, to_dict(cfg), out_uri, cfg.storage)
+            export_model(fresh, tokenizer, cfg.model, to_dict(cfg), out_uri, cfg.storage, training)
     return out_uri
 
 
@@ -410,10 +411,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
 
     metrics_rows: list[dict[str, Any]] = []
+    # Validation while training: the best evaluation so far (its export is the run's export).
+    best: dict[str, Any] = {"metric": float("-inf"), "step": 0, "since": 0}
+    stopped = False  # early-stopped: a resumed run that had stopped stays stopped
+    validator = None
+    if t.eval_every:
+        from recsys.validation import Validator
+
+        ids_by_row = sorted(items.index, key=items.index.__getitem__)
+        validator = Validator(cfg, ids_by_row, items.texts, rank, world, batch_size=max(t.batch_size, 64))
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG)
+            state = json.loads(Path(d, STATE_FILE).read_text()) if Path(d, STATE_FILE).exists() else {}
+            best = state.get("best", best)
+            stopped = bool(state.get("stopped"))
         if rank == 0:
             metrics_rows = [r for r in _read_metrics(cfg) if r["step"] <= engine.global_steps]
             log.info("resumed from checkpoint at step %d", engine.global_steps)
@@ -432,7 +445,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seen = hashlib.blake2b(digest_size=8)
     epoch = 0
     summary: dict[str, Any] = {}
-    while step < t.max_steps:
+    while step < t.max_steps and not stopped:
         got_batch = False
         t_fetch = time.perf_counter()
         # The shard's order is deterministic (a seeded global shuffle, order-preserving split:
@@ -465,7 +478,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 t_fetch = time.perf_counter()
                 continue
             step = engine.global_steps
-            if step % t.log_every == 0 or step == t.max_steps or step % t.checkpoint_every == 0:
+            evaluate_now = validator is not None and (step % t.eval_every == 0 or step == t.max_steps)
+            stop_early = False
+            if step % t.log_every == 0 or step == t.max_steps or step % t.checkpoint_every == 0 or evaluate_now:
                 now = time.perf_counter()
                 row = {
                     "step": step,
@@ -483,18 +498,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "batch_hash": _all_ranks_digest(seen.digest(), device),
                 }
                 seen = hashlib.blake2b(digest_size=8)
+                if evaluate_now:
+                    t_eval = time.perf_counter()
+                    scores = validator.score(module.towers, tokenizer, device)
+                    value = headline(cfg, scores)
+                    improved = value > best["metric"]
+                    best = {"metric": value, "step": step, "since": 0} if improved else {**best, "since": best["since"] + 1}
+                    if improved:  # the export is always the best evaluation's model
+                        _export(engine, module, tokenizer, cfg, rank, {"best_step": step, f"valid_{t.eval_metric}": value})
+                    stop_early = stopped = bool(t.early_stopping_patience) and best["since"] >= t.early_stopping_patience
+                    row.update(scores)
+                    row.update({"valid_metric": value, "best_step": best["step"], "best_metric": best["metric"], "stopped_early": stop_early,
+                                "eval_s": time.perf_counter() - t_eval})
+                    if rank == 0:
+                        log.info("step %d: valid %s %.4f (best %.4f at step %d)%s", step, t.eval_metric, value, best["metric"],
+                                 best["step"], "; stopping early" if stop_early else "")
+                    now = time.perf_counter()  # examples/s of the next interval excludes the evaluation
                 losses, examples_since, t_wait, t_last = [], 0, 0.0, now
                 if rank == 0:
                     metrics_rows.append(row)
                     _write_metrics(cfg, metrics_rows)
                     log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s data-wait %.2fs", step, t.max_steps, row["loss"], row["lr"], row["examples_per_s"], row["data_wait_s"])
                 summary = row
-                if step % t.checkpoint_every == 0 or step == t.max_steps:
+                if step % t.checkpoint_every == 0 or step == t.max_steps or stop_early:
                     with tempfile.TemporaryDirectory() as tmp:
                         engine.save_checkpoint(tmp, tag=DS_TAG)
+                        # Every rank reads the state on resume (the best evaluation so far).
+                        Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "best": best, "stopped": stopped}))
                         if rank == 0:
                             Path(tmp, "config.yaml").write_text(to_yaml(cfg))
-                            Path(tmp, STATE_FILE).write_text(json.dumps({"step": step}))
                         ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
                 else:
                     ray.train.report(row)
@@ -507,7 +539,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         time.sleep(5)
                         log.warning("train.crash_at_step=%d: exiting this worker to exercise recovery", step)
                         os._exit(1)
-            if step >= t.max_steps:
+            if step >= t.max_steps or stop_early:
                 break
             t_fetch = time.perf_counter()
         if not got_batch:
@@ -517,9 +549,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         epoch += 1
 
-    export = _export(engine, module, tokenizer, cfg, rank)
+    if validator is None:
+        export = _export(engine, module, tokenizer, cfg, rank)
+    else:  # written at the best evaluation already
+        export = paths.export_dir(cfg)
+        summary = {**summary, "best_step": best["step"], "best_metric": best["metric"], "stopped_early": stopped}
     if rank == 0:
-        log.info("exported to %s", export)
+        log.info("exported to %s%s", export, f" (the best validation, step {best['step']})" if validator is not None else "")
     ray.train.report({**summary, "export": export, "step": step})
 
 
@@ -632,6 +668,8 @@ def run_text(cfg: Config) -> dict[str, Any]:
         "metrics_file": paths.metrics_file(cfg),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    if cfg.train.eval_every:  # the export is the best validation's model, not the last step's
+        summary.update({k: final.get(k, metrics.get(k)) for k in ("best_step", "best_metric", "stopped_early")})
     log.info("training finished: %s", summary)
     return summary
 

@@ -206,12 +206,12 @@ def test_memory_keeps_the_newest_size_rows() -> None:
 
 
 def test_train_step_fills_its_memory_and_uses_it_once_switched_on() -> None:
+    import tempfile
+
     from recsys.config import ModelConfig
     from recsys.encoder import make_tiny_bert
     from recsys.model import build_two_tower
     from recsys.train import TrainStep
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         cfg = ModelConfig(name_or_path=make_tiny_bert(d))

@@ -103,3 +103,42 @@ def test_a_crashed_worker_restarts_from_the_last_checkpoint(prepared) -> None:
     assert summary["resumed_from_step"] == 2, summary
     assert [r["step"] for r in _metrics(cfg)] == [1, 2, 3, 4]
     assert [r["skipped_batches"] for r in _metrics(cfg)][2:] == [2, 2]
+
+
+def test_validation_while_training_exports_the_best_evaluation_and_stops_early(prepared, tmp_path) -> None:
+    """Issue 16: every eval_every steps the valid split is ranked over the whole catalog; the
+    export is the best evaluation's model (evaluating the export on valid gives the logged
+    number); with early_stopping_patience the run stops, and a re-submitted stopped run stays so."""
+    from recsys import evaluate, train
+    from recsys.encoder import RECSYS_META
+
+    cfg = _cfg(prepared, zero_stage=2, run_name="val", max_steps=6, checkpoint_every=6, eval_every=2)
+    summary = train.run(cfg)
+    rows = _metrics(cfg)
+    evals = [r for r in rows if "valid_metric" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    values = [r["valid_metric"] for r in evals]
+    for r in evals:  # task both: the headline is the mean of the two tasks' NDCG@10
+        assert r["valid_metric"] == pytest.approx((r["valid/next_item/ndcg@10"] + r["valid/search/ndcg@10"]) / 2)
+    best_step = evals[int(np.argmax(values))]["step"]
+    meta = json.loads(storage.read_bytes(storage.join(paths.export_dir(cfg), RECSYS_META), cfg.storage))
+    assert meta["training"]["best_step"] == best_step == summary["best_step"]
+    # The export is that model: evaluate (another code path: sentence-transformers folder, Ray
+    # Data embeddings) finds the same validation numbers.
+    ev_cfg = cfg.model_copy(deep=True)
+    ev_cfg.eval.split, ev_cfg.eval.systems, ev_cfg.eval.ks = "valid", ["fine_tuned"], [10]
+    ev_cfg.eval.history_pool_items = 0
+    got = evaluate.run(ev_cfg)["metrics"]["fine_tuned"]
+    best_row = evals[int(np.argmax(values))]
+    for kind in ("next_item", "search"):
+        assert got[f"valid/{kind}/ndcg@10"] == pytest.approx(best_row[f"valid/{kind}/ndcg@10"], abs=1e-4)
+
+    # A learning rate of ~0 never improves on the first evaluation: patience 1 stops at the second.
+    still = _cfg(prepared, zero_stage=2, run_name="val-stop", max_steps=12, checkpoint_every=6, eval_every=2,
+                 early_stopping_patience=1, lr=1e-12)
+    s = train.run(still)
+    assert s["steps"] == 4 and s["stopped_early"] and s["best_step"] == 2
+    again = train.run(_cfg(prepared, zero_stage=2, run_name="val-stop", max_steps=20, checkpoint_every=6, eval_every=2,
+                           early_stopping_patience=1, lr=1e-12))
+    assert again["steps"] == 4 and again["stopped_early"]
+    assert max(r["step"] for r in _metrics(still)) == 4
