@@ -295,7 +295,7 @@ class EvalConfig(_Section):
     ks: list[PositiveInt] = Field(default_factory=lambda: [10, 50], min_length=1)
     exclude_history: bool = False
     systems: list[System] = Field(
-        default_factory=lambda: ["popularity", "bm25", "zero_shot", "fine_tuned"], min_length=1
+        default_factory=lambda: ["popularity", "bm25", "zero_shot", "fine_tuned", "hybrid"], min_length=1
     )
     # Exact top-K up to this many items, FAISS above it ("auto"), or force "exact" / "faiss".
     index: Literal["auto", "exact", "faiss"] = "auto"

@@ -7,7 +7,6 @@ from typing import Any
 
 import httpx
 
-from recsys import paths
 from recsys.config import Config
 from recsys.storage import free_port
 
@@ -21,18 +20,12 @@ def _show(title: str, items: list[dict[str, Any]]) -> None:
 def serve_demo(cfg: Config) -> dict[str, Any]:
     from ray import serve
 
-    from serve.app import app_builder
+    from serve.app import app_args, app_builder
 
     port = free_port()
-    args = {
-        "model_uri": paths.export_dir(cfg),
-        "items_uri": paths.items(cfg),
-        "s3_endpoint": cfg.storage.s3_endpoint,
-        "s3_access_key": cfg.storage.s3_access_key,
-        "s3_secret_key": cfg.storage.s3_secret_key,
-        "max_replicas": 1,
-        "replica_cpus": 0.5,
-    }
+    # The run's artefacts as jobs.deploy would serve them: the index (with its BM25 index and the
+    # hybrid fusion chosen on the valid split) when the recommend step built one.
+    args = {**app_args(cfg), "max_replicas": 1, "replica_cpus": 0.5}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     answers: dict[str, Any] = {}
     try:
@@ -40,8 +33,9 @@ def serve_demo(cfg: Config) -> dict[str, Any]:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             print("readyz:", c.get("/readyz").json())
             for q in ("trail running shoe", "espresso machine", "memory foam dog bed"):
-                r = c.post("/search", json={"query": q, "k": 3}).json()["items"]
-                _show(f"POST /search {{query: {q!r}}}", r)
+                body = c.post("/search", json={"query": q, "k": 3}).json()
+                r = body["items"]
+                _show(f"POST /search {{query: {q!r}}}  (mode {body['mode']})", r)
                 answers[f"search:{q}"] = [i["item_id"] for i in r]
             cheap = c.post("/search", json={"query": "coffee", "k": 3, "filters": {"category": "Home > Kitchen", "max_price": 40}}).json()["items"]
             _show("POST /search {query: 'coffee', filters: Home > Kitchen, max_price 40}", cheap)
