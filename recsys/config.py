@@ -231,6 +231,12 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
+    def _memory_starts_in_the_run(self) -> TrainConfig:
+        if self.memory_size and self.memory_start_step >= self.max_steps:
+            raise ValueError(f"memory_start_step ({self.memory_start_step}) >= max_steps ({self.max_steps}): the memory would never be used")
+        return self
+
+    @model_validator(mode="after")
     def _patience_needs_evaluations(self) -> TrainConfig:
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early_stopping_patience counts evaluations: set eval_every too")
@@ -325,6 +331,12 @@ class HybridConfig(_Section):
     candidates: int = Field(100, ge=1, le=10_000)  # per retriever, before fusing
     rrf_k: int = Field(60, ge=1)
     split: Literal["train", "valid", "test"] = "valid"  # where the fusion is chosen; never the evaluated one
+
+    @model_validator(mode="after")
+    def _weight_is_convex(self) -> HybridConfig:
+        if self.weight is not None and self.fusion == "rrf":
+            raise ValueError("weight is the convex fusion's dense share: rrf has none (set fusion: convex or auto)")
+        return self
 
 
 class ServeArgs(_Section):

@@ -274,8 +274,10 @@ def choose_hybrid_fusion(
     text_of = dict(zip(items.column("item_id").to_pylist(), items.column("text").to_pylist(), strict=True))
     dense_texts = _query_texts(queries, text_of, enc.user_history_items)
     q_emb = _encode(enc.encode_queries, dense_texts, cfg.eval.embed_batch_size, enc.dim, f"encode {split} queries (hybrid)", "queries")
-    cands = hybrid_candidates(queries, _query_texts(queries, text_of, cfg.model.user_history_items), q_emb, item_emb,
-                              items.column("item_id").to_pylist(), bm25, base.candidates, None)
+    # BM25 reads the query alone, as POST /search does (the towers read what they were trained on).
+    exclude = [set(q["history"]) for q in queries] if cfg.eval.exclude_history else None
+    cands = hybrid_candidates(queries, [q["query"] for q in queries], q_emb, item_emb,
+                              items.column("item_id").to_pylist(), bm25, hybrid.depth(base, max(cfg.eval.ks)), exclude)
     method = cfg.hybrid.fusion
     fusion, grid = hybrid.choose_fusion(cands, [q["relevant"] for q in queries], items.column("item_id").to_pylist(),
                                         method=method, weight=cfg.hybrid.weight, base=base)
@@ -383,7 +385,11 @@ def compare_systems(
         for system, base in EXTRA_PAIRS:
             if system in systems and base in systems:
                 for metric in metric_names:
-                    r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
+                    try:
+                        r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
+                    except ValueError as err:
+                        log.warning("no significance test of %s vs %s on %s %s: %s", system, base, task, metric, err)
+                        continue
                     rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
     return rows
 
@@ -594,9 +600,9 @@ def run(cfg: Config) -> dict[str, Any]:
             t = time.perf_counter()
             enc = _encoder(encoders[dense_of_hybrid], cfg)
             fusion, how = choose_hybrid_fusion(cfg, items, enc, item_emb[dense_of_hybrid], bm25_index)
-            cands = hybrid_candidates(queries, _query_texts(queries, text_of, cfg.model.user_history_items), q_embs[dense_of_hybrid],
+            cands = hybrid_candidates(queries, [q["query"] for q in queries], q_embs[dense_of_hybrid],
                                       item_emb[dense_of_hybrid], items.column("item_id").to_pylist(), bm25_index,
-                                      max(fusion.candidates, kmax), exclude)
+                                      hybrid.depth(fusion, kmax), exclude)
             rankings["hybrid"] = hybrid.rank_ids(cands, fusion, kmax, items.column("item_id").to_pylist())
             hybrid_report = {"dense": dense_of_hybrid, "fusion": fusion.to_dict(), "described": fusion.describe(), **how}
             timings["rank/search/hybrid_s"] = round(time.perf_counter() - t, 2)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from recsys import retrieval
 from recsys.bm25 import BM25Index
 from recsys.metrics import per_query_metrics
 
@@ -81,14 +82,8 @@ class Candidates:
 
 
 def _top_rows(scores: np.ndarray, allowed: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the n best allowed scores, best first; ties by position."""
-    cand = np.flatnonzero(allowed)
-    if len(cand) == 0:
-        return cand.astype(np.int64)
-    s = scores[cand]
-    n = min(n, len(cand))
-    part = cand[np.argpartition(-s, n - 1)[:n]]
-    return part[np.lexsort((part, -scores[part]))].astype(np.int64)
+    """Positions of the n best allowed scores, best first; ties by position, also at the cut."""
+    return retrieval.top_k(scores, allowed, n)[0]
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -132,9 +127,15 @@ def top_k(c: Candidates, fusion: Fusion, k: int) -> tuple[np.ndarray, np.ndarray
     return c.rows[order], s[order].astype(np.float32)
 
 
+def depth(fusion: Fusion, k: int) -> int:
+    """Each retriever's list length for a top-k: `candidates`, or k when more are asked for
+    (so a top-k is never cut short by the lists). Evaluation uses it with its largest K."""
+    return max(fusion.candidates, k)
+
+
 def fuse(dense: np.ndarray, lexical: np.ndarray, allowed: np.ndarray, k: int, fusion: Fusion) -> tuple[np.ndarray, np.ndarray]:
     """One query's hybrid top-k from both retrievers' full-catalog scores."""
-    return top_k(candidates(dense, lexical, allowed, fusion.candidates), fusion, k)
+    return top_k(candidates(dense, lexical, allowed, depth(fusion, k)), fusion, k)
 
 
 def query_candidates(

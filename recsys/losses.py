@@ -113,7 +113,11 @@ def sampled_softmax_loss(
         # the row's query / user exactly as an in-batch item would be: never a negative then.
         mmask = item_keys[:, None] == memory.item_keys[None, :] if item_keys is not None else torch.zeros_like(ml, dtype=torch.bool)
         if item_keys is not None and history_keys is not None and history_keys.numel():
-            mmask |= ((history_keys[:, :, None] == memory.item_keys[None, None, :]) & (history_keys[:, :, None] >= 0)).any(dim=1)
+            # Row by row: a (batch, history, M) comparison would take GBs for a large memory.
+            for r in range(b):
+                hist = history_keys[r][history_keys[r] >= 0]
+                if hist.numel():
+                    mmask[r] |= torch.isin(memory.item_keys, hist)
         if dup_keys is not None:
             mmask |= dup_keys[:, None] == memory.dup_keys[None, :]
         if group_keys is not None:
@@ -145,7 +149,8 @@ class Memory:
     positives of the global batch, detached, with what masking and logQ need. Each step adds
     thousands of negatives for one matrix product. The embeddings come from the encoder of the
     step that made them, at most size / global batch steps old; with a small learning rate they
-    drift slowly, which is why XBM starts only after the warm-up. Every rank holds the same
+    drift slowly (XBM starts using them after the first, fast-moving steps:
+    `train.memory_start_step`). Every rank holds the same
     memory (it stores the gathered batch). It is not checkpointed: a resumed run refills it."""
 
     def __init__(self, size: int) -> None:

@@ -479,7 +479,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             step = engine.global_steps
             evaluate_now = validator is not None and (step % t.eval_every == 0 or step == t.max_steps)
-            stop_early = False
+            stop_early = improved = False
             if step % t.log_every == 0 or step == t.max_steps or step % t.checkpoint_every == 0 or evaluate_now:
                 now = time.perf_counter()
                 row = {
@@ -502,6 +502,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     t_eval = time.perf_counter()
                     scores = validator.score(module.towers, tokenizer, device)
                     value = headline(cfg, scores)
+                    if world > 1:  # rank 0's number decides on every rank: the export and a stop are collective
+                        v = torch.tensor([value], dtype=torch.float64, device=device)
+                        torch.distributed.broadcast(v, 0)
+                        value = float(v.item())
                     improved = value > best["metric"]
                     best = {"metric": value, "step": step, "since": 0} if improved else {**best, "since": best["since"] + 1}
                     if improved:  # the export is always the best evaluation's model
@@ -520,7 +524,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _write_metrics(cfg, metrics_rows)
                     log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s data-wait %.2fs", step, t.max_steps, row["loss"], row["lr"], row["examples_per_s"], row["data_wait_s"])
                 summary = row
-                if step % t.checkpoint_every == 0 or step == t.max_steps or stop_early:
+                # Also after a better evaluation: a resumed run then knows the export is that step's.
+                if step % t.checkpoint_every == 0 or step == t.max_steps or stop_early or improved:
                     with tempfile.TemporaryDirectory() as tmp:
                         engine.save_checkpoint(tmp, tag=DS_TAG)
                         # Every rank reads the state on resume (the best evaluation so far).
@@ -549,9 +554,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         epoch += 1
 
-    if validator is None:
+    if validator is None and not stopped:
         export = _export(engine, module, tokenizer, cfg, rank)
-    else:  # written at the best evaluation already
+    else:  # written at the best evaluation already (also when a stopped run is re-submitted)
         export = paths.export_dir(cfg)
         summary = {**summary, "best_step": best["step"], "best_metric": best["metric"], "stopped_early": stopped}
     if rank == 0:

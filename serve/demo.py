@@ -25,7 +25,8 @@ def serve_demo(cfg: Config) -> dict[str, Any]:
     port = free_port()
     # The run's artefacts as jobs.deploy would serve them: the index (with its BM25 index and the
     # hybrid fusion chosen on the valid split) when the recommend step built one.
-    args = {**app_args(cfg), "max_replicas": 1, "replica_cpus": 0.5}
+    args = {**app_args(cfg), "min_replicas": 1, "max_replicas": 1, "replica_cpus": 0.5, "encoder_gpus": 0.0,
+            "auth_token": "", "auth_token_env": ""}  # the demo's requests carry no token
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     answers: dict[str, Any] = {}
     try:

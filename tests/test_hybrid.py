@@ -81,3 +81,24 @@ def test_bad_fusion_is_refused_by_name(bad: dict) -> None:
 def test_fusion_round_trips_through_its_record() -> None:
     f = Fusion("convex", 0.35, 50, 20)
     assert Fusion.from_dict(f.to_dict()) == f
+
+
+def test_a_top_k_longer_than_the_candidate_lists_is_not_cut_short() -> None:
+    dense = np.linspace(1.0, 0.0, 50)
+    rows, _ = hybrid.fuse(dense, np.zeros(50), np.ones(50, dtype=bool), 30, Fusion("rrf", candidates=10))
+    assert rows.tolist() == list(range(30))
+
+
+def test_ties_at_the_cut_go_to_the_lower_position() -> None:
+    lexical = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    c = hybrid.candidates(np.zeros(6), lexical, np.ones(6, dtype=bool), 3)
+    assert sorted(c.rows[c.lexical_rank > 0].tolist()) == [1, 2, 5]  # of the tied 1-4, the first two
+
+
+def test_config_refuses_a_weight_for_rrf_and_a_memory_that_never_starts() -> None:
+    from recsys.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="hybrid.*weight"):
+        load_config(None, ["hybrid.fusion=rrf", "hybrid.weight=0.3"])
+    with pytest.raises(ConfigError, match="memory_start_step"):
+        load_config(None, ["train.memory_size=64", "train.memory_start_step=100", "train.max_steps=100"])
