@@ -140,7 +140,8 @@ async def http_load(url: str, path: str, bodies: list[dict[str, Any]], clients: 
     return out
 
 
-def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], n: dict[int, int], budget_s: float) -> dict[int, dict[str, float]]:
+def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], n: dict[int, int], budget_s: float,
+                mode: str = "dense") -> dict[int, dict[str, float]]:
     from ray import serve
 
     from recsys.storage import free_port
@@ -156,7 +157,7 @@ def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], 
     try:
         serve.run(app_builder(args), name="bench", route_prefix="/")
         # Every query once unmeasured first (and the first batch of the encoder).
-        bodies = [{"query": q, "k": 10} for q in QUERIES]
+        bodies = [{"query": q, "k": 10, "mode": mode} for q in QUERIES]
         return {c: asyncio.run(http_load(f"http://127.0.0.1:{port}", "/search", bodies, c, n[c], budget_s, len(bodies))) for c in clients}
     finally:
         serve.shutdown()
@@ -169,6 +170,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300, help="requests per system at 1 client (x2 at 16)")
     p.add_argument("--budget-s", type=float, default=60.0, help="time cap per measurement")
     p.add_argument("--out", default="runs/bench/serve_load.json")
+    # dense: the same work as the in-process baseline; hybrid / lexical: what those modes cost.
+    p.add_argument("--mode", default="dense", choices=["dense", "lexical", "hybrid"], help="POST /search mode of the Serve runs")
     a = p.parse_args()
 
     import pyarrow.parquet as pq
@@ -188,11 +191,11 @@ def main() -> None:
         results["in_process"][c] = bench_in_process(model, items, c, n[c], a.budget_s)
         print(f"in-process  clients={c:2d} {results['in_process'][c]}", flush=True)
     for name, batching in (("serve_no_batching", False), ("serve_batching", True)):
-        results[name] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s)
+        results[name] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s, a.mode)
         for c in clients:
             print(f"{name:17s} clients={c:2d} {results[name][c]}", flush=True)
 
-    print(f"\nmodel={a.model} items={a.items} (loopback HTTP, POST /search k=10)")
+    print(f"\nmodel={a.model} items={a.items} (loopback HTTP, POST /search k=10 mode={a.mode}; in-process is dense)")
     print(f"{'system':18s} {'clients':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
     for name, per in results.items():
         for c, r in per.items():
