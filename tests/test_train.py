@@ -112,7 +112,8 @@ def test_validation_while_training_exports_the_best_evaluation_and_stops_early(p
     from recsys import evaluate, train
     from recsys.encoder import RECSYS_META
 
-    cfg = _cfg(prepared, zero_stage=2, run_name="val", max_steps=6, checkpoint_every=6, eval_every=2)
+    # With a cross-batch memory too: its 2-worker gather runs here (the loss is not compared).
+    cfg = _cfg(prepared, zero_stage=2, run_name="val", max_steps=6, checkpoint_every=6, eval_every=2, memory_size=32, memory_start_step=2)
     summary = train.run(cfg)
     rows = _metrics(cfg)
     evals = [r for r in rows if "valid_metric" in r]
@@ -134,11 +135,12 @@ def test_validation_while_training_exports_the_best_evaluation_and_stops_early(p
         assert got[f"valid/{kind}/ndcg@10"] == pytest.approx(best_row[f"valid/{kind}/ndcg@10"], abs=1e-4)
 
     # A learning rate of ~0 never improves on the first evaluation: patience 1 stops at the second.
-    still = _cfg(prepared, zero_stage=2, run_name="val-stop", max_steps=12, checkpoint_every=6, eval_every=2,
+    # Under ZeRO-3: every rank takes part in the validation forward passes and the export.
+    still = _cfg(prepared, zero_stage=3, run_name="val-stop", max_steps=12, checkpoint_every=6, eval_every=2,
                  early_stopping_patience=1, lr=1e-12)
     s = train.run(still)
     assert s["steps"] == 4 and s["stopped_early"] and s["best_step"] == 2
-    again = train.run(_cfg(prepared, zero_stage=2, run_name="val-stop", max_steps=20, checkpoint_every=6, eval_every=2,
+    again = train.run(_cfg(prepared, zero_stage=3, run_name="val-stop", max_steps=20, checkpoint_every=6, eval_every=2,
                            early_stopping_patience=1, lr=1e-12))
     assert again["steps"] == 4 and again["stopped_early"]
     assert max(r["step"] for r in _metrics(still)) == 4
