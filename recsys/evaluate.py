@@ -373,24 +373,16 @@ def compare_systems(
     rows = []
     for task, systems in per_query.items():
         order = [s for s in BASELINES if s in systems] + [s for s in systems if s not in BASELINES]
-        for i, system in enumerate(order):
-            for base in (b for b in order[:i] if b in BASELINES):
-                for metric in metric_names:
-                    try:
-                        r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
-                    except ValueError as err:
-                        log.warning("no significance test of %s vs %s on %s %s: %s", system, base, task, metric, err)
-                        continue
-                    rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
-        for system, base in EXTRA_PAIRS:
-            if system in systems and base in systems:
-                for metric in metric_names:
-                    try:
-                        r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
-                    except ValueError as err:
-                        log.warning("no significance test of %s vs %s on %s %s: %s", system, base, task, metric, err)
-                        continue
-                    rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
+        pairs = [(system, base) for i, system in enumerate(order) for base in order[:i] if base in BASELINES]
+        pairs += [(system, base) for system, base in EXTRA_PAIRS if system in systems and base in systems]
+        for system, base in pairs:
+            for metric in metric_names:
+                try:
+                    r = significance.paired_comparison(systems[system][metric], systems[base][metric], resamples=resamples, seed=seed)
+                except ValueError as err:
+                    log.warning("no significance test of %s vs %s on %s %s: %s", system, base, task, metric, err)
+                    continue
+                rows.append({"task": task, "metric": metric, "system": system, "baseline": base, **r})
     return rows
 
 
@@ -548,6 +540,7 @@ def run(cfg: Config) -> dict[str, Any]:
     metrics: dict[str, dict[str, float]] = {}
     per_query: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # task -> system -> metric -> values
     keys: dict[str, list[str]] = {}  # task -> query keys, aligned with the per-query values
+    opened: dict[str, TextEncoder] = {}  # system -> its encoder, loaded once for every task
     # The task the model was trained for (both kinds for "both"): a search-only data set's
     # per-query "sequences" are not a recommendation task.
     kinds = ("next_item", "search") if cfg.train.task == "both" else (cfg.train.task,)
@@ -569,7 +562,7 @@ def run(cfg: Config) -> dict[str, Any]:
             rankings["bm25"] = _rank_bm25(items, bm25_index, _query_texts(queries, text_of, cfg.model.user_history_items), kmax, exclude)
         for name, path in encoders.items():
             t = time.perf_counter()
-            enc = _encoder(path, cfg)
+            enc = opened[name] = opened.get(name) or _encoder(path, cfg)
             index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items)
             seq = sequence_towers.get(name) if kind == "next_item" else None
             # Over the pretrained item tower, a sequence export's text user tower is zero_shot's.
@@ -598,8 +591,7 @@ def run(cfg: Config) -> dict[str, Any]:
             timings[f"rank/{kind}/{name}_s"] = round(time.perf_counter() - t, 2)
         if kind == "search" and "hybrid" in e.systems:
             t = time.perf_counter()
-            enc = _encoder(encoders[dense_of_hybrid], cfg)
-            fusion, how = choose_hybrid_fusion(cfg, items, enc, item_emb[dense_of_hybrid], bm25_index)
+            fusion, how = choose_hybrid_fusion(cfg, items, opened[dense_of_hybrid], item_emb[dense_of_hybrid], bm25_index)
             cands = hybrid_candidates(queries, [q["query"] for q in queries], q_embs[dense_of_hybrid],
                                       item_emb[dense_of_hybrid], items.column("item_id").to_pylist(), bm25_index,
                                       hybrid.depth(fusion, kmax), exclude)
