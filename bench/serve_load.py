@@ -1,12 +1,15 @@
 """Serving overhead and batching: the same model called in-process vs through Ray Serve over HTTP.
 
-Three systems, each at 1 and 16 concurrent clients, on loopback only, bounded in requests and
+Four systems, each at 1 and 16 concurrent clients, on loopback only, bounded in requests and
 time: (a) an in-process call (encode the query + top-k over the catalog embeddings, exactly the
-work of POST /search), (b) Serve without dynamic batching, (c) Serve with `@serve.batch`. Prints
-p50 / p99 latency and requests/s of each, and the ratios the serving issue sets as goals:
-Serve's added p50 over in-process at 1 client, and batching's throughput gain at 16 clients.
+work of POST /search), (b) a plain FastAPI + uvicorn process serving the same model and catalog
+(what a user would write by hand: one sync endpoint, one worker), (c) the Serve app without
+dynamic batching, (d) the Serve app with `@serve.batch`. Prints p50 / p99 latency and
+requests/s of each, and the ratios the serving issue sets as goals: Serve's added p50 over
+in-process at 1 client, and batching's throughput gain at 16 clients.
 
     python -m bench.serve_load [--model bundled|tiny-random|PATH] [--items 2000] [--requests 300]
+        [--batch-sizes 8,16,32] [--waits-ms 1,5]   (a sweep of @serve.batch settings at 16 clients)
 
 Both sides run the model on one thread: Ray gives a replica OMP_NUM_THREADS=1 for its CPU share,
 and the in-process side is set to match, so the comparison is of the serving path, not of threads.
@@ -17,8 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -140,8 +146,72 @@ async def http_load(url: str, path: str, bodies: list[dict[str, Any]], clients: 
     return out
 
 
+def plain_server(model: str, items_dir: str, port: int) -> None:
+    """The baseline a user would write by hand: FastAPI + uvicorn, one process, one sync
+    endpoint (FastAPI runs it in its thread pool), the same encoder and exact top-k."""
+    import pyarrow.parquet as pq
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    from recsys.encoder import TextEncoder
+
+    torch.set_num_threads(1)
+    enc = TextEncoder(model)
+    items = pq.read_table(items_dir)
+    ids = items.column("item_id").to_pylist()
+    emb = enc.encode_items(items.column("text").to_pylist())
+    app = FastAPI()
+
+    class Body(BaseModel):
+        query: str
+        k: int = 10
+        mode: str = "dense"
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/search")
+    def search(body: Body) -> dict[str, Any]:
+        q = enc.encode_queries([body.query])[0]
+        scores = emb @ q
+        top = np.argpartition(-scores, body.k)[: body.k]
+        top = top[np.argsort(-scores[top])]
+        return {"items": [{"item_id": ids[i], "score": float(scores[i])} for i in top]}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def bench_plain(model: str, items_dir: str, clients: list[int], n: dict[int, int], budget_s: float) -> dict[int, dict[str, float]]:
+    import httpx
+
+    from recsys.storage import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.serve_load", "--plain-server", str(port), "--model", model, "--items-dir", items_dir], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the plain FastAPI server did not start (rc {proc.poll()})")
+            time.sleep(0.3)
+        bodies = [{"query": q, "k": 10} for q in QUERIES]
+        return {c: asyncio.run(http_load(f"http://127.0.0.1:{port}", "/search", bodies, c, n[c], budget_s, len(bodies))) for c in clients}
+    finally:
+        proc.terminate()  # our own process, by its PID
+        proc.wait(timeout=30)
+
+
 def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], n: dict[int, int], budget_s: float,
-                mode: str = "dense") -> dict[int, dict[str, float]]:
+                mode: str = "dense", max_batch_size: int = 16, wait_s: float = 0.005) -> dict[int, dict[str, float]]:
     from ray import serve
 
     from recsys.storage import free_port
@@ -150,8 +220,8 @@ def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
-        "model_uri": model, "items_uri": items_dir, "batching": batching, "max_batch_size": 16,
-        "batch_wait_timeout_s": 0.005, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 0.5,
+        "model_uri": model, "items_uri": items_dir, "batching": batching, "max_batch_size": max_batch_size,
+        "batch_wait_timeout_s": wait_s, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 0.5,
         "max_ongoing_requests": 64, "max_queued_requests": 256,
     }
     try:
@@ -172,7 +242,14 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench/serve_load.json")
     # dense: the same work as the in-process baseline; hybrid / lexical: what those modes cost.
     p.add_argument("--mode", default="dense", choices=["dense", "lexical", "hybrid"], help="POST /search mode of the Serve runs")
+    p.add_argument("--batch-sizes", default="", help="comma list: also sweep @serve.batch max_batch_size at 16 clients")
+    p.add_argument("--waits-ms", default="2,5,10", help="comma list of batch_wait_timeout_s (ms) for the sweep")
+    p.add_argument("--plain-server", type=int, default=0, help=argparse.SUPPRESS)  # internal: run the baseline server
+    p.add_argument("--items-dir", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.plain_server:
+        plain_server(a.model, a.items_dir, a.plain_server)
+        return
 
     import pyarrow.parquet as pq
 
@@ -190,6 +267,9 @@ def main() -> None:
     for c in clients:
         results["in_process"][c] = bench_in_process(model, items, c, n[c], a.budget_s)
         print(f"in-process  clients={c:2d} {results['in_process'][c]}", flush=True)
+    results["fastapi_uvicorn"] = bench_plain(model, str(items_dir), clients, n, a.budget_s)
+    for c in clients:
+        print(f"fastapi+uvicorn   clients={c:2d} {results['fastapi_uvicorn'][c]}", flush=True)
     for name, batching in (("serve_no_batching", False), ("serve_batching", True)):
         results[name] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s, a.mode)
         for c in clients:
@@ -198,19 +278,32 @@ def main() -> None:
     print(f"\nmodel={a.model} items={a.items} (loopback HTTP, POST /search k=10 mode={a.mode}; in-process is dense)")
     print(f"{'system':18s} {'clients':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
     for name, per in results.items():
+        if name == "batch_sweep_16_clients":
+            continue
         for c, r in per.items():
             print(f"{name:18s} {c:7d} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['req_per_s']:8.1f}")
+    sweep: dict[str, dict[str, float]] = {}
+    for size in [int(x) for x in a.batch_sizes.split(",") if x]:
+        for wait in [float(x) for x in a.waits_ms.split(",") if x]:
+            r = bench_serve(model, str(items_dir), True, [16], n, a.budget_s, a.mode, size, wait / 1000)[16]
+            sweep[f"max_batch_size={size} wait={wait:g}ms"] = r
+            print(f"sweep max_batch_size={size:3d} wait={wait:g}ms clients=16 {r}", flush=True)
+    if sweep:
+        results["batch_sweep_16_clients"] = sweep  # type: ignore[assignment]
     added = results["serve_no_batching"][1]["p50_ms"] - results["in_process"][1]["p50_ms"]
     added_b = results["serve_batching"][1]["p50_ms"] - results["in_process"][1]["p50_ms"]
     gain = results["serve_batching"][16]["req_per_s"] / results["serve_no_batching"][16]["req_per_s"]
     vs_inproc = results["serve_batching"][16]["req_per_s"] / results["in_process"][16]["req_per_s"]
-    print(f"\nServe added p50 at 1 client: {added:+.2f} ms without batching, {added_b:+.2f} ms with (goal <= 5 ms)")
+    plain_added = results["fastapi_uvicorn"][1]["p50_ms"] - results["in_process"][1]["p50_ms"]
+    print(f"\nServe added p50 at 1 client: {added:+.2f} ms without batching, {added_b:+.2f} ms with (goal <= 5 ms); "
+          f"plain FastAPI + uvicorn adds {plain_added:+.2f} ms")
     print(f"batching throughput gain at 16 clients: {gain:.2f}x over Serve without batching (goal >= 2x); "
           f"{vs_inproc:.2f}x of in-process threads")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"model": a.model, "items": a.items, "results": results,
                "serve_added_p50_ms": {"no_batching": round(added, 2), "batching": round(added_b, 2)},
+               "fastapi_uvicorn_added_p50_ms": round(plain_added, 2),
                "batching_gain_16": round(gain, 2), "batching_vs_in_process_16": round(vs_inproc, 2)}
     out.write_text(json.dumps(summary, indent=2))
     print(f"written to {out}")

@@ -23,7 +23,7 @@ from jobs._cli import parse
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(argv, __doc__)
-    from serve.app import deploy
+    from serve.control import deploy
 
     out = deploy(cfg)
     print(json.dumps(out, indent=2))

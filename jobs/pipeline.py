@@ -54,7 +54,7 @@ def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
 
             result = recommend.run(cfg)
         elif stage == "deploy":
-            from serve.app import deploy
+            from serve.control import deploy
 
             result = deploy(cfg)
         else:

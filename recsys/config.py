@@ -368,6 +368,10 @@ class ServeArgs(_Section):
     # What `POST /search` does when the request names no `mode`: dense (the towers), lexical
     # (BM25) or hybrid (both, fused as the index job chose: recsys/hybrid.py).
     search_mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
+    # Where the catalog index lives: in every model replica (one hop per request: proxy ->
+    # replica; the normal case, a million 384-d float16 vectors are under 1 GB), or in a separate
+    # Retriever deployment for catalogs too big to copy into each replica (one more hop).
+    retriever: Literal["in_replica", "deployment"] = "in_replica"
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeArgs:

@@ -20,7 +20,8 @@ def _show(title: str, items: list[dict[str, Any]]) -> None:
 def serve_demo(cfg: Config) -> dict[str, Any]:
     from ray import serve
 
-    from serve.app import app_args, app_builder
+    from serve.app import app_builder
+    from serve.control import app_args
 
     port = free_port()
     # The run's artefacts as jobs.deploy would serve them: the index (with its BM25 index and the

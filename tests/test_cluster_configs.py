@@ -143,7 +143,8 @@ def test_kuberay_rayjob_runs_the_pipeline_with_auth_gpus_and_secrets() -> None:
 def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs, check_app_config
+    from serve.control import check_app_config
+    from serve.schemas import AppArgs
 
     docs = _load(CLUSTER / "kuberay" / "rayservice.yaml")
     assert [d["kind"] for d in docs] == ["RayService"]
@@ -163,8 +164,8 @@ def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     assert args.auth_token_env in env_names
     served = check_app_config(app)
     assert args.encoder_gpus >= 1 and served["model_uri"].startswith("s3://")
-    assert all("user_config" in d for d in app["deployments"] if d["name"] in ("Encoder", "Retriever")), "URIs in user_config: swaps in place"
-    enc = next(d for d in app["deployments"] if d["name"] == "Encoder")
+    assert all("user_config" in d for d in app["deployments"] if d["name"] in ("Ingress", "Retriever")), "URIs in user_config: swaps in place"
+    enc = next(d for d in app["deployments"] if d["name"] == "Ingress")
     assert enc["autoscaling_config"]["max_replicas"] > enc["autoscaling_config"]["min_replicas"]
 
 

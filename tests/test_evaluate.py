@@ -146,7 +146,7 @@ def test_serving_index_is_the_exports_and_refused_for_another_model(ray_cluster,
     from recsys.encoder import model_id_at
     from recsys.index import IndexModelMismatch, index_model_id, load_index
     from recsys.model import build_two_tower, export_model, load_tokenizer
-    from serve.app import app_args
+    from serve.control import app_args
 
     cfg = load_config(REPO / "jobs/configs/pipeline_tiny.yaml", [f"model.name_or_path={tiny_model}", "eval.systems=[popularity,zero_shot]",
                                                                   f"storage.root={tmp_path / 'root'}"])

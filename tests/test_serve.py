@@ -67,6 +67,7 @@ def service(ray_cluster, tiny_model, tmp_path_factory):
         app_builder({**args, "max_ongoing_requests": 1, "max_queued_requests": 1, "batching": False}),
         name="tight", route_prefix="/tight",
     )
+    serve.run(app_builder({**args, "retriever": "deployment"}), name="split", route_prefix="/split")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     yield {"client": client, "model": tiny_model, "table": table, "items_dir": str(items_dir), "port": port}
     client.close()
@@ -111,6 +112,32 @@ def _fused_offline(model: str, table: pa.Table, text: str, k: int, fusion, keep=
     top, scores = hybrid.fuse(dense, lexical, allowed, k, fusion)
     ids = table.column("item_id").to_pylist()
     return [(ids[i], float(s)) for i, s in zip(top, scores, strict=True)]
+
+
+def test_one_hop_by_default_and_a_separate_retriever_answers_the_same(service) -> None:
+    """Issue 17: the default app is the Ingress replica (encoder + catalog) and the profile
+    store, no Encoder or Retriever hop; `retriever: deployment` adds the Retriever, and every
+    endpoint answers exactly as the one-hop app does."""
+    from ray.serve.context import _get_global_client
+
+    apps = _get_global_client().get_serve_details()["applications"]
+    assert set(apps["recsys"]["deployments"]) == {"Ingress", "Profiles"}
+    assert set(apps["split"]["deployments"]) == {"Ingress", "Retriever", "Profiles"}
+    c = service["client"]
+    calls = [
+        ("/search", {"query": "coffee maker", "k": 4, "mode": "dense"}),
+        ("/search", {"query": "running shoe", "k": 4, "mode": "hybrid", "filters": {"max_price": 100}}),
+        ("/search", {"query": "tent", "k": 4, "mode": "lexical"}),
+        ("/recommend", {"recent_item_ids": ["P3", "P1"], "k": 4}),
+        ("/score", {"query": "dog bed", "item_ids": ["P5", "P6"]}),
+        ("/score", {"recent_item_ids": ["P7"], "item_ids": ["P5", "P8"]}),
+    ]
+    for path, body in calls:
+        one, split = c.post(path, json=body), c.post("/split" + path, json=body)
+        assert one.status_code == split.status_code == 200, (path, one.text, split.text)
+        assert one.json() == split.json(), (path, one.json(), split.json())
+    assert c.post("/split/recommend", json={"recent_item_ids": ["nope"], "k": 3}).status_code == 404
+    assert c.get("/split/readyz").json()["items"] == len(TITLES)
 
 
 def test_search_modes_lexical_and_hybrid_match_offline(service, tmp_path) -> None:
@@ -224,7 +251,7 @@ def test_auth_when_a_token_is_set(service) -> None:
 def test_serve_config_yaml_validates() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import check_app_config
+    from serve.control import check_app_config
 
     text = (REPO / "serve" / "config.yaml").read_text()
     assert text.startswith("# serve run")
@@ -232,28 +259,65 @@ def test_serve_config_yaml_validates() -> None:
     app = cfg.applications[0].model_dump(exclude_unset=True)
     served = check_app_config(app)
     assert served["model_uri"] == "runs/local/local/export"
-    enc = [d for d in app["deployments"] if d["name"] == "Encoder"][0]
+    enc = [d for d in app["deployments"] if d["name"] == "Ingress"][0]
     auto = enc["autoscaling_config"]
     assert auto["min_replicas"] <= auto["max_replicas"]
 
 
 def test_app_config_puts_uris_only_in_user_config() -> None:
     """What makes a swap in place: the app's args (hashed into its code version) do not change
-    with the model; the URIs ride in the Encoder's and Retriever's user_config, and must agree."""
-    from serve.app import app_config, check_app_config
+    with the model; the URIs ride in the Ingress's user_config (and a separate Retriever's, which
+    must agree)."""
+    from serve.control import app_config, check_app_config
 
     a = app_config({"model_uri": "m1", "items_uri": "it", "index_uri": "ix1"}, name="x")
     b = app_config({"model_uri": "m2", "items_uri": "it", "index_uri": "ix2"}, name="x")
     assert a["args"] == b["args"] and a["import_path"] == b["import_path"]
+    assert [d["name"] for d in a["deployments"]] == ["Ingress"], "one hop: the replica holds the catalog"
     assert check_app_config(a) == {"model_uri": "m1", "items_uri": "it", "index_uri": "ix1"}
     assert check_app_config(b)["model_uri"] == "m2"
-    mixed = {**a, "deployments": [{**d, "user_config": {**d["user_config"], "model_uri": "m2"}} if d["name"] == "Encoder" else d for d in a["deployments"]]}
+    split = app_config({"model_uri": "m1", "items_uri": "it", "index_uri": "ix1", "retriever": "deployment"}, name="x")
+    assert [d["name"] for d in split["deployments"]] == ["Ingress", "Retriever"]
+    assert check_app_config(split)["index_uri"] == "ix1"
+    mixed = {**split, "deployments": [{**d, "user_config": {**d["user_config"], "model_uri": "m2"}} if d["name"] == "Ingress" else d
+                                      for d in split["deployments"]]}
     with pytest.raises(ValueError, match="model_uri"):
         check_app_config(mixed)
-    with pytest.raises(ValueError, match="both"):
-        check_app_config({**a, "deployments": [d for d in a["deployments"] if d["name"] == "Encoder"]})
+    with pytest.raises(ValueError, match="Retriever's user_config the same URIs"):
+        check_app_config({**split, "deployments": [d for d in split["deployments"] if d["name"] == "Ingress"]})
+    with pytest.raises(ValueError, match="not 'deployment'"):
+        check_app_config({**a, "deployments": split["deployments"]})
     with pytest.raises(ValueError, match="names no model_uri"):
         check_app_config({"name": "y", "args": {}})
+
+
+def test_no_object_store_secret_reaches_the_args_or_the_serve_config(tmp_path, monkeypatch) -> None:
+    """Issue 17: the replicas read S3 keys from their environment; neither the app's args
+    (app_args) nor the declarative Serve config (app_config, runtime_env included) carries them."""
+    import json
+
+    import ray
+
+    from recsys.config import load_config
+    from serve.control import app_args, app_config
+
+    secret = "sEcReT-kEy-1234567890"
+    cfg = load_config(None, [f"storage.root={tmp_path}", "storage.s3_endpoint=http://127.0.0.1:9", "storage.s3_access_key=AKEY",
+                             f"storage.s3_secret_key={secret}", f"serve.model_uri={tmp_path / 'm'}", f"serve.items_uri={tmp_path / 'i'}"])
+    monkeypatch.setattr("recsys.encoder.model_id_at", lambda uri, cfg: "mid")
+    args = app_args(cfg)
+    assert secret not in json.dumps(args) and "AKEY" not in json.dumps(args)
+    assert args["s3_endpoint"] == "http://127.0.0.1:9", "the endpoint is not a secret: it travels"
+
+    class Ctx:
+        runtime_env = {"env_vars": {"AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKEY", "RECSYS_API_TOKEN": "api-token-value-987", "HF_HUB_OFFLINE": "1"}}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Ctx())
+    app = app_config(args, model_id="mid")
+    text = json.dumps(app)
+    assert secret not in text and "AKEY" not in text and "api-token-value-987" not in text, text
+    assert app["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1"}
 
 
 def test_overload_gets_503_with_retry_after(service) -> None:
@@ -291,7 +355,7 @@ def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, 
 
     from recsys.encoder import make_tiny_bert
     from recsys.index import build_index
-    from serve.app import deploy_args, swap
+    from serve.control import deploy_args, swap
 
     model_b = make_tiny_bert(tmp_path / "model-b", seed=1)
     ids, texts = service["table"].column("item_id").to_pylist(), service["table"].column("text").to_pylist()
@@ -364,7 +428,9 @@ def test_an_index_of_another_model_is_refused_naming_both(tiny_model, tmp_path) 
     made by another model, instead of serving scores of one model's queries against another's items."""
     from recsys.encoder import make_tiny_bert
     from recsys.index import IndexModelMismatch, build_index
-    from serve.app import AppArgs, deploy_args, load_catalog
+    from serve.catalog import load_catalog
+    from serve.control import deploy_args
+    from serve.schemas import AppArgs
 
     (tmp_path / "items").mkdir()
     table = _write_items(tmp_path / "items")
@@ -390,7 +456,7 @@ def test_a_restarted_replica_refuses_weights_re_exported_since_the_deploy(tiny_m
     export at that path was replaced does not serve the new weights beside the old catalog."""
     import asyncio
 
-    from serve.app import Encoder, Retriever
+    from serve.app import Ingress, Retriever
 
     _export_tiny(tiny_model, tmp_path / "export")
     deployed = TextEncoder(str(tmp_path / "export")).model_id
@@ -398,8 +464,10 @@ def test_a_restarted_replica_refuses_weights_re_exported_since_the_deploy(tiny_m
     (tmp_path / "items").mkdir()
     _write_items(tmp_path / "items")
     uc = {"model_uri": str(tmp_path / "export"), "items_uri": str(tmp_path / "items"), "index_uri": "", "model_id": deployed}
-    for deployment in (Encoder, Retriever):
-        replica = deployment.func_or_class({})
+    wrapped = Ingress.func_or_class  # serve.ingress's ASGI subclass: its own __init__ is async
+    ingress = wrapped.__new__(wrapped)
+    super(wrapped, ingress).__init__(None, {})
+    for replica in (ingress, Retriever.func_or_class({})):
         with pytest.raises(ValueError, match=f"deployed with model {deployed}"):
             asyncio.run(replica.reconfigure(uc))
 
@@ -409,7 +477,7 @@ def test_redeploy_of_the_same_path_with_new_weights_serves_them(service, tmp_pat
     the new weights (it used to see an unchanged path, do nothing and report success)."""
     from ray import serve
 
-    from serve.app import deploy_args
+    from serve.control import deploy_args
 
     export = tmp_path / "export"
     items = [t[0] for t in TITLES]
@@ -516,7 +584,7 @@ def test_an_export_with_a_sequence_tower_recommends_by_it(service, tmp_path, att
     from recsys import recommend
     from recsys.config import load_config
     from recsys.index import build_index
-    from serve.app import deploy_args, swap
+    from serve.control import deploy_args, swap
 
     table = service["table"]
     ids, texts = table.column("item_id").to_pylist(), table.column("text").to_pylist()
@@ -533,7 +601,7 @@ def test_an_export_with_a_sequence_tower_recommends_by_it(service, tmp_path, att
     c = service["client"]
 
     def user_tower() -> str:
-        return serve.get_deployment_handle("Retriever", "seq").info.remote().result(timeout_s=30)["user_tower"]
+        return serve.get_deployment_handle("Ingress", "seq").info.remote().result(timeout_s=30)["user_tower"]
 
     def rec(body: dict) -> list[tuple[str, float]]:
         r = c.post("/seq/recommend", json=body)

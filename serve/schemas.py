@@ -1,0 +1,89 @@
+"""What the app takes: its typed arguments (AppArgs) and the HTTP request bodies.
+
+Both are pydantic models, so a bad config fails when the app is built and a bad request gets a
+422 naming the field (serve/app.py's handler), before any model code runs."""
+
+# No `from __future__ import annotations` here: FastAPI resolves the request models of a
+# class-based Serve ingress from real (not string) annotations.
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from recsys.config import ServeArgs
+
+MAX_K = 1000
+MAX_QUERY_CHARS = 1000
+MAX_ITEM_IDS = 1000
+
+
+class AppArgs(ServeArgs):
+    """The app's typed arguments: the config's serve-section fields (recsys.config.ServeArgs:
+    URIs, auth, batching, replicas and their resources; unknown keys rejected) plus what only
+    the app takes. No credentials: replicas read the object store's keys from their environment
+    (the cluster's secret store), so none sits in the Serve config or the deployment args."""
+
+    batching: bool = True
+    max_history: int = Field(50, ge=1)
+    # Name of the detached actor holding live profiles; apps sharing it share users' profiles.
+    profile_store: str = Field("recsys-profiles", min_length=1, max_length=200)
+    s3_endpoint: str = ""
+
+
+class Filters(BaseModel):
+    category: str | None = Field(None, max_length=500, description="prefix of the category path")
+    brand: str | None = Field(None, max_length=200)
+    min_price: float | None = Field(None, ge=0)
+    max_price: float | None = Field(None, ge=0)
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    k: int = Field(10, ge=1, le=MAX_K)
+    filters: Filters | None = None
+    # dense (the towers), lexical (BM25) or hybrid (both fused); None = the app's `search_mode`.
+    mode: Literal["dense", "lexical", "hybrid"] | None = None
+
+    @model_validator(mode="after")
+    def _not_blank(self) -> "SearchRequest":
+        if not self.query.strip():
+            raise ValueError("query is empty")
+        return self
+
+
+class Event(BaseModel):
+    item_id: str = Field(min_length=1, max_length=200)
+    event_type: Literal["view", "click", "add_to_cart", "purchase"]
+    timestamp: float | None = None
+
+
+class RecommendRequest(BaseModel):
+    user_id: str | None = Field(None, max_length=200)
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS, description="oldest first")
+    k: int = Field(10, ge=1, le=MAX_K)
+    include_purchased: bool = False
+    filters: Filters | None = None
+
+    @model_validator(mode="after")
+    def _someone(self) -> "RecommendRequest":
+        if not self.user_id and not self.recent_item_ids:
+            raise ValueError("give user_id and/or recent_item_ids")
+        return self
+
+
+class ScoreRequest(BaseModel):
+    query: str | None = Field(None, max_length=MAX_QUERY_CHARS)
+    user_id: str | None = Field(None, max_length=200)
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS)
+    item_ids: list[str] = Field(min_length=1, max_length=MAX_ITEM_IDS)
+
+    @model_validator(mode="after")
+    def _something(self) -> "ScoreRequest":
+        if not (self.query and self.query.strip()) and not self.user_id and not self.recent_item_ids:
+            raise ValueError("give a query, a user_id or recent_item_ids")
+        return self
+
+
+class EventsRequest(BaseModel):
+    user_id: str = Field(min_length=1, max_length=200)
+    events: list[Event] = Field(min_length=1, max_length=MAX_ITEM_IDS)
