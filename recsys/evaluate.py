@@ -483,7 +483,9 @@ def build_catalog_index(cfg: Config) -> dict[str, Any]:
     now = model_id_at(export, cfg.storage)
     if model_id != now:  # the export was replaced while the catalog was being embedded
         raise RuntimeError(f"the catalog was embedded by model {model_id}, but the export at {export} is now {now}: run again")
-    index = build_index(emb, items.column("item_id").to_pylist(), cfg.eval.index, cfg.eval.exact_max_items, model_id=model_id)
+    e = cfg.eval
+    index = build_index(emb, items.column("item_id").to_pylist(), e.index, e.exact_max_items, model_id=model_id,
+                        nlist=e.ivf_nlist, nprobe=e.ivf_nprobe, filter_exact_max_kept=e.filter_exact_max_kept)
     # Hybrid search's half: BM25 over the same items, and the fusion chosen on validation,
     # published with the dense index so replicas load one consistent folder.
     bm25 = _bm25_scorer(items)
@@ -563,7 +565,8 @@ def run(cfg: Config) -> dict[str, Any]:
         for name, path in encoders.items():
             t = time.perf_counter()
             enc = opened[name] = opened.get(name) or _encoder(path, cfg)
-            index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items)
+            index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items,
+                                nlist=e.ivf_nlist, nprobe=e.ivf_nprobe, filter_exact_max_kept=e.filter_exact_max_kept)
             seq = sequence_towers.get(name) if kind == "next_item" else None
             # Over the pretrained item tower, a sequence export's text user tower is zero_shot's.
             text_user = seq is None or enc.meta.get("sequence_item_tower") == "fine_tuned"

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 FILTER_KEYS = ("category", "brand", "min_price", "max_price")
 # Scores are computed for this many (query, item) pairs at a time: a batch of queries against a
@@ -28,11 +29,34 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @dataclasses.dataclass(frozen=True)
 class FilterFields:
-    """The item attributes filters read, aligned with the catalog's order."""
+    """The item attributes filters read, aligned with the catalog's order.
+
+    Category and brand are also kept as codes into their distinct values, so a filter
+    decides once per distinct value (a catalog has far fewer than items) and then indexes the
+    (n_items,) codes: no Python loop over the items per request."""
 
     category: np.ndarray  # (n_items,) object: the category path lower-cased ("" when none)
     brand: np.ndarray  # (n_items,) object: the brand lower-cased ("" when none)
     price: np.ndarray  # (n_items,) float64: NaN when unknown
+    # Derived in __post_init__: category == category_values[category_codes], likewise brand.
+    category_values: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)  # object
+    category_codes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)  # int32
+    brand_values: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+    brand_codes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.price)
+        for name in ("category", "brand"):
+            col = getattr(self, name)
+            if np.shape(col) != (n,):
+                raise ValueError(f"FilterFields.{name} has shape {np.shape(col)}, price ({n},): one value per item")
+            # Arrow's hash encoding: ~20x faster than np.unique's sort of Python strings at 1M.
+            enc = pa.array(col, type=pa.string()).dictionary_encode()
+            if enc.null_count:
+                raise ValueError(f"FilterFields.{name} has {enc.null_count} None values: an item without one has \"\"")
+            # frozen: the derived fields are set once, here
+            object.__setattr__(self, f"{name}_values", enc.dictionary.to_numpy(zero_copy_only=False).astype(object))
+            object.__setattr__(self, f"{name}_codes", enc.indices.to_numpy(zero_copy_only=False).astype(np.int32))
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> FilterFields:
@@ -56,9 +80,10 @@ def filter_mask(fields: FilterFields, filters: Mapping[str, Any] | None) -> np.n
     keep = np.ones(len(fields), dtype=bool)
     if f.get("category"):
         prefix = str(f["category"]).lower()
-        keep &= np.fromiter((c.startswith(prefix) for c in fields.category), dtype=bool, count=len(fields))
+        ok = np.fromiter((c.startswith(prefix) for c in fields.category_values), dtype=bool, count=len(fields.category_values))
+        keep &= ok[fields.category_codes]
     if f.get("brand"):
-        keep &= fields.brand == str(f["brand"]).lower()
+        keep &= (fields.brand_values == str(f["brand"]).lower())[fields.brand_codes]
     # NaN compares False: an item without a price never passes a price filter.
     if f.get("min_price") is not None:
         keep &= fields.price >= float(f["min_price"])
