@@ -94,10 +94,19 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 def candidates(dense: np.ndarray, lexical: np.ndarray, allowed: np.ndarray, n: int) -> Candidates:
     """Candidates from full-catalog scores (n_items,) of both retrievers; `allowed` (n_items,)
     bool: passed the filters and not excluded."""
-    d_top = _top_rows(dense, allowed, n)
+    return candidates_from_top(_top_rows(dense, allowed, n), lambda rows: dense[rows], lexical, allowed, n)
+
+
+def candidates_from_top(
+    d_top: np.ndarray, dense_of: Callable[[np.ndarray], np.ndarray], lexical: np.ndarray, allowed: np.ndarray, n: int
+) -> Candidates:
+    """Candidates when the dense top list comes from an index (recsys.index.Index.search_one,
+    approximate above its exact threshold): `d_top` the dense top positions, best first;
+    `dense_of(rows)` the dense scores of any positions (the union's, from the embeddings), so
+    no full-catalog dense pass is needed. With an exact top list this equals `candidates`."""
     # A query with no BM25 token scores 0 everywhere: its "top" is arbitrary, so it adds nothing.
     l_top = _top_rows(lexical, allowed & (lexical > 0), n)
-    rows = np.unique(np.concatenate([d_top, l_top]))
+    rows = np.unique(np.concatenate([d_top, l_top]).astype(np.int64))
     d_rank = np.zeros(len(rows), dtype=np.int64)
     l_rank = np.zeros(len(rows), dtype=np.int64)
     d_rank[np.searchsorted(rows, d_top)] = np.arange(1, len(d_top) + 1)
@@ -105,7 +114,7 @@ def candidates(dense: np.ndarray, lexical: np.ndarray, allowed: np.ndarray, n: i
     if len(rows) == 0:
         empty = np.zeros(0, dtype=np.float64)
         return Candidates(rows, empty, empty, d_rank, l_rank)
-    return Candidates(rows, _minmax(dense[rows]), _minmax(lexical[rows]), d_rank, l_rank)
+    return Candidates(rows, _minmax(np.asarray(dense_of(rows))), _minmax(lexical[rows]), d_rank, l_rank)
 
 
 def fused_scores(c: Candidates, fusion: Fusion) -> np.ndarray:

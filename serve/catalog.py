@@ -67,6 +67,7 @@ class Catalog:
     texts: list[str]
     fields: Any  # recsys.retrieval.FilterFields: what the filters read
     emb: np.ndarray  # (n_items, dim), L2-normalised, from model_id
+    ann: Any  # recsys.index.Index over `emb`, in catalog order: exact, or IVF for large catalogs
     # recsys.sequence.SequenceCatalog over `emb` when model_id has a sequence user tower, else None.
     sequence: Any = None
     lexical: Any = None  # recsys.bm25.BM25Index over `texts`: lexical and hybrid search
@@ -84,27 +85,40 @@ class Catalog:
     def _rows(self, top: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
         return [{**self.meta[i], "score": float(s)} for i, s in zip(top, scores, strict=True)]
 
-    def search(self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_id: str) -> list[dict[str, Any]]:
-        """The top-k items for a query (or text-path user) vector `q` (dim,) of model `model_id`."""
+    def _keep(self, filters: dict[str, Any] | None, exclude: list[str] | None = None) -> np.ndarray | None:
+        """(n_items,) bool: passes the filters and is not excluded; None = every item."""
         from recsys import retrieval
 
-        self.of_model(model_id)
-        # The same ranking as the batch job (recsys.recommend): one implementation of both.
         excluded = [self.index[i] for i in exclude or [] if i in self.index]
-        top, scores = retrieval.search(self.emb, q[None], k, retrieval.filter_mask(self.fields, filters), [excluded])[0]
-        return self._rows(top, scores)
+        if not excluded and not any(v is not None and v != "" for v in (filters or {}).values()):
+            return None
+        keep = retrieval.filter_mask(self.fields, filters)
+        keep[excluded] = False
+        return keep
+
+    def search(self, q: np.ndarray, k: int, filters: dict[str, Any] | None, exclude: list[str] | None, model_id: str) -> list[dict[str, Any]]:
+        """The top-k items for a query (or text-path user) vector `q` (dim,) of model `model_id`:
+        through the catalog index, so exact below its threshold (then the batch job's ranking,
+        recsys.retrieval.top_k) and IVF above it."""
+        self.of_model(model_id)
+        return self._rows(*self.ann.search_one(q, k, self._keep(filters, exclude)))
 
     def search_hybrid(self, q: np.ndarray, text: str, k: int, filters: dict[str, Any] | None, model_id: str) -> list[dict[str, Any]]:
         """Dense and BM25 scores fused (recsys.hybrid, as the `hybrid` evaluation system); `score`
         is the fused score, `dense_score` and `lexical_score` the two it came from."""
-        from recsys import hybrid, retrieval
+        from recsys import hybrid
 
         self.of_model(model_id)
-        dense = self.emb @ q  # (n_items,)
+        keep = self._keep(filters)
+        allowed = np.ones(len(self.ids), dtype=bool) if keep is None else keep
+        n = hybrid.depth(self.fusion, k)
+        d_top, _ = self.ann.search_one(q, n, keep)  # the dense list from the index, as /search dense
         lexical = self.lexical.scores(text)  # (n_items,)
-        top, scores = hybrid.fuse(dense, lexical, retrieval.filter_mask(self.fields, filters), k, self.fusion)
-        return [{**self.meta[i], "score": float(s), "dense_score": float(dense[i]), "lexical_score": float(lexical[i])}
-                for i, s in zip(top, scores, strict=True)]
+        cands = hybrid.candidates_from_top(d_top, lambda rows: self.emb[rows] @ q, lexical, allowed, n)
+        top, scores = hybrid.top_k(cands, self.fusion, k)
+        dense = self.emb[top] @ q  # (k,)
+        return [{**self.meta[i], "score": float(s), "dense_score": float(d), "lexical_score": float(lexical[i])}
+                for i, s, d in zip(top, scores, dense, strict=True)]
 
     def search_lexical(self, text: str, k: int, filters: dict[str, Any] | None) -> list[dict[str, Any]]:
         """BM25 alone: only items sharing a token with the query come back."""
@@ -165,6 +179,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
 
     from recsys import hybrid, storage
     from recsys.bm25 import BM25Index
+    from recsys.index import build_index, load_index
     from recsys.retrieval import FilterFields, align_embeddings
     from recsys.sequence import SequenceCatalog, open_sequence_tower
 
@@ -175,12 +190,17 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
     texts: list[str] = table.column("text").to_pylist()
     t = time.perf_counter()
     if index_uri:
-        from recsys.index import load_index
-
         model_id = model_id or model_id_at(a, model_uri, "")
-        idx = load_index(index_uri, storage_cfg(a), model_id=model_id)
-        emb = align_embeddings(idx.ids, idx.emb, ids, index_uri)
-        log.info("loaded the index for %d items in %.1fs", len(ids), time.perf_counter() - t)
+        ann = load_index(index_uri, storage_cfg(a), model_id=model_id)
+        if ann.ids != ids:
+            # Built over another item table (more items, or another order): the catalog's rows
+            # are what is served, so an index over exactly them is built here (once per load).
+            log.warning("the index at %s covers %d items in another order or set than the %d of %s: indexing the catalog's here",
+                        index_uri, len(ann.ids), len(ids), items_uri)
+            ann = build_index(align_embeddings(ann.ids, ann.emb, ids, index_uri), ids, ann.kind, model_id=model_id,
+                              nprobe=ann.nprobe, filter_exact_max_kept=ann.filter_exact_max_kept)
+        emb = ann.emb
+        log.info("loaded the %s index for %d items in %.1fs", ann.kind, len(ids), time.perf_counter() - t)
         lexical = hybrid.load_lexical(index_uri, storage_cfg(a))
     else:
         encoder = encoder if encoder is not None and encoder.model_id == model_id else open_encoder(a, model_uri)
@@ -188,6 +208,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
             raise ValueError(f"the model at {model_uri} changed while loading ({model_id} -> {encoder.model_id}): deploy again")
         model_id = encoder.model_id
         emb = encoder.encode_items(texts)
+        ann = build_index(emb, ids, model_id=model_id)
         log.info("embedded %d items with model %s in %.1fs", len(ids), model_id, time.perf_counter() - t)
         lexical = None
     if lexical is not None:
@@ -211,6 +232,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
         texts=texts,
         fields=FilterFields.from_rows(meta),
         emb=emb,
+        ann=ann,
         sequence=SequenceCatalog(tower, emb, ids) if tower is not None else None,
         lexical=bm25,
         fusion=fusion,
