@@ -38,10 +38,18 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.catalog import Catalog, ModelMismatch, load_catalog, model_id_at, open_encoder
 from serve.profiles import Profiles
-from serve.schemas import AppArgs, EventsRequest, RecommendRequest, ScoreRequest, SearchRequest
+from serve.schemas import (
+    MAX_BODY_BYTES,
+    AppArgs,
+    EventsRequest,
+    RecommendRequest,
+    ScoreRequest,
+    SearchRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,13 @@ SWAP_WAIT_S = 30.0
 # loaded in `reconfigure`, off the event loop, beside the current model (serve/control.py).
 SWAPPABLE = ("model_uri", "items_uri", "index_uri")
 
-api = FastAPI(title="recsys", description="Search, recommendation and scoring from a fine-tuned two-tower model.")
+api = FastAPI(title="recsys", description="Search, recommendation and scoring from a fine-tuned two-tower model.", max_body_size=MAX_BODY_BYTES)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own refusals (413 body too large, 400 unparseable body, 404, 405) in our shape.
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)

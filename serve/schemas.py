@@ -8,13 +8,24 @@ Both are pydantic models, so a bad config fails when the app is built and a bad 
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recsys.config import ServeArgs
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 MAX_ITEM_IDS = 1000
+# Request bodies above this are refused with 413 before they are parsed (the largest valid body,
+# 1,000 ids of 200 characters, is ~0.2 MB).
+MAX_BODY_BYTES = 1 << 20
+
+
+class Body(BaseModel):
+    """A request body: an unknown field is an error naming it (a typo such as `filter` for
+    `filters` must not be silently ignored), and so is a non-finite number."""
+
+    # NaN and infinities are not JSON (Python's parser accepts them): refused, not compared.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AppArgs(ServeArgs):
@@ -30,14 +41,14 @@ class AppArgs(ServeArgs):
     s3_endpoint: str = ""
 
 
-class Filters(BaseModel):
+class Filters(Body):
     category: str | None = Field(None, max_length=500, description="prefix of the category path")
     brand: str | None = Field(None, max_length=200)
     min_price: float | None = Field(None, ge=0)
     max_price: float | None = Field(None, ge=0)
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(Body):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     k: int = Field(10, ge=1, le=MAX_K)
     filters: Filters | None = None
@@ -51,13 +62,13 @@ class SearchRequest(BaseModel):
         return self
 
 
-class Event(BaseModel):
+class Event(Body):
     item_id: str = Field(min_length=1, max_length=200)
     event_type: Literal["view", "click", "add_to_cart", "purchase"]
     timestamp: float | None = None
 
 
-class RecommendRequest(BaseModel):
+class RecommendRequest(Body):
     user_id: str | None = Field(None, max_length=200)
     recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS, description="oldest first")
     k: int = Field(10, ge=1, le=MAX_K)
@@ -71,7 +82,7 @@ class RecommendRequest(BaseModel):
         return self
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(Body):
     query: str | None = Field(None, max_length=MAX_QUERY_CHARS)
     user_id: str | None = Field(None, max_length=200)
     recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_ITEM_IDS)
@@ -84,6 +95,6 @@ class ScoreRequest(BaseModel):
         return self
 
 
-class EventsRequest(BaseModel):
+class EventsRequest(Body):
     user_id: str = Field(min_length=1, max_length=200)
     events: list[Event] = Field(min_length=1, max_length=MAX_ITEM_IDS)

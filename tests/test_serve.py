@@ -248,6 +248,32 @@ def test_auth_when_a_token_is_set(service) -> None:
     assert c.get("/secured/healthz").status_code == 200
 
 
+def test_hostile_requests_get_a_4xx_naming_the_problem_and_never_a_5xx(service) -> None:
+    """Issue 18: 1,000 malformed, oversized or odd requests (bench/hostile_http.py; 10,000 in
+    docs/reliability.md): each malformed one gets a 4xx whose body names the problem, each odd but
+    valid one a 200, none a 5xx, the body size limit holds, and no replica restarts."""
+    import asyncio
+
+    from bench.hostile_http import MAX_BODY_BYTES as BENCH_LIMIT
+    from bench.hostile_http import auth_requests, hostile_requests, send_all
+    from serve.schemas import MAX_BODY_BYTES
+
+    assert BENCH_LIMIT == MAX_BODY_BYTES
+    before = _replica_ids("recsys")
+    requests = hostile_requests(1000, seed=1)
+    assert len({h.kind for h in requests}) >= 20
+    out = asyncio.run(send_all(str(service["client"].base_url), requests))
+    assert not out["wrong"], out["wrong"][:10]
+    assert not [k for k in out["status"] if k >= 500]
+    assert out["by_kind"]["body over the size limit"].keys() == {413}
+    assert out["by_kind"]["extra field"].keys() == {422}
+    assert _replica_ids("recsys") == before, "no replica restarted"
+    c = service["client"]
+    for headers, right in auth_requests(60, seed=2):
+        r = c.post("/secured/search", json={"query": "tent", "k": 2}, headers=headers)
+        assert r.status_code == (200 if right else 401), (headers, r.status_code, r.text[:200])
+
+
 def test_serve_config_yaml_validates() -> None:
     from ray.serve.schema import ServeDeploySchema
 
