@@ -692,9 +692,25 @@ def to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+# Credentials a config may hold: never written into checkpoints, exports, reports or logs.
+SECRET_FIELDS = (("storage", "s3_access_key"), ("storage", "s3_secret_key"), ("serve", "auth_token"))
+REDACTED = "***"
+
+
+def redacted(cfg: BaseModel) -> dict[str, Any]:
+    """`to_dict` with every set credential (SECRET_FIELDS) replaced by "***": what is saved
+    (checkpoint and export `config.yaml`) and logged. Ray workers get `to_dict`, with them."""
+    d = to_dict(cfg)
+    for section, key in SECRET_FIELDS:
+        if d.get(section, {}).get(key):
+            d[section][key] = REDACTED
+    return d
+
+
 def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as saved and logged: credentials redacted."""
+    return yaml.safe_dump(redacted(cfg), sort_keys=False)
 
 
 def to_json(cfg: BaseModel) -> str:
-    return json.dumps(to_dict(cfg), indent=2)
+    return json.dumps(redacted(cfg), indent=2)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from recsys import paths, storage
-from recsys.config import Config, config_from_dict, to_dict, to_yaml
+from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.encoder import render_user_text
 from recsys.losses import Memory, SampledSoftmaxLoss, item_key
 from recsys.runtime import ensure_ray, print_progress
@@ -373,7 +373,7 @@ def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, ra
             fresh = build_two_tower(cfg.model, dtype=torch.float32)
             fresh.load_state_dict(state)
             # Replaces the previous run's export at this path (no stale files), with a new model_id.
-            export_model(fresh, tokenizer, cfg.model, to_dict(cfg), out_uri, cfg.storage, training)
+            export_model(fresh, tokenizer, cfg.model, redacted(cfg), out_uri, cfg.storage, training)
     return out_uri
 
 

@@ -334,7 +334,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from recsys import paths, storage
-    from recsys.config import to_dict
+    from recsys.config import redacted, to_dict
     from recsys.encoder import RECSYS_META
     from recsys.evaluate import _items, _read_dir, embed_catalog
     from recsys.runtime import ensure_ray
@@ -359,7 +359,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
             local = work / "export"
             local.mkdir()
-            _write_export(build_two_tower(cfg.model), load_tokenizer(cfg.model), cfg.model, to_dict(cfg), local)
+            _write_export(build_two_tower(cfg.model), load_tokenizer(cfg.model), cfg.model, redacted(cfg), local)
         log.info("embedding %d catalog items with the %s item tower", len(item_ids), scfg.item_tower)
         emb, item_model_id = embed_catalog(cfg, str(local), items, storage.join(paths.run_dir(cfg), "sequence_item_embeddings"))
         data: dict[str, Any] = {"emb": emb, "item_ids": item_ids, "item_model_id": item_model_id,

@@ -127,3 +127,16 @@ def test_app_args_share_the_serve_section_and_reject_bad_values() -> None:
             AppArgs(**bad)
     with pytest.raises(ConfigError, match=r"serve\.max_batch_size"):
         load_config(None, ["serve.max_batch_size=0"])
+
+
+def test_saved_and_logged_configs_carry_no_credentials() -> None:
+    """Issue 18: to_yaml / to_json (checkpoints, exports, the jobs' log line) redact every
+    credential; to_dict (what Ray workers receive) keeps them."""
+    from recsys.config import config_from_dict, redacted, to_dict, to_json, to_yaml
+
+    cfg = load_config(None, ["storage.s3_access_key=AKID-123", "storage.s3_secret_key=very-secret-456", "serve.auth_token=tok-789"])
+    for text in (to_yaml(cfg), to_json(cfg)):
+        assert not any(x in text for x in ("AKID-123", "very-secret-456", "tok-789")), text
+    assert redacted(cfg)["storage"]["s3_secret_key"] == "***" and redacted(cfg)["storage"]["s3_endpoint"] == ""
+    assert config_from_dict(to_dict(cfg)).storage.s3_secret_key == "very-secret-456"
+    assert "s3_secret_key: ''" in to_yaml(load_config(None, [])), "unset credentials stay empty, not ***"

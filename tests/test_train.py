@@ -48,7 +48,9 @@ def _check_export(cfg, tmp_path):
     np.testing.assert_allclose(st, ours, atol=1e-5)
     base = TextEncoder(cfg.model.name_or_path).encode_items(texts)
     assert not np.allclose(base, ours, atol=1e-4), "export equals the untrained model"
-    assert (Path(out) / "config.yaml").exists()
+    saved = (Path(out) / "config.yaml").read_text()
+    # Issue 18: the resolved config is saved, its credentials are not.
+    assert cfg.storage.s3_secret_key and cfg.storage.s3_secret_key not in saved and "s3_secret_key: '***'" in saved
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -88,7 +90,8 @@ def test_resume_continues_from_the_checkpoint(prepared) -> None:
     got = [r["batch_hash"] for r in _metrics(cfg2)]
     assert len(set(ref)) == 6 and got == ref, (got, ref)
     ckpt = "s3://" + summary["checkpoint"]
-    assert storage.exists(storage.join(ckpt, "config.yaml"), cfg2.storage)
+    saved = storage.read_bytes(storage.join(ckpt, "config.yaml"), cfg2.storage).decode()
+    assert cfg2.storage.s3_secret_key not in saved and "s3_access_key: '***'" in saved, "no credentials in a checkpoint"
     assert json.loads(storage.read_bytes(storage.join(ckpt, "recsys_state.json"), cfg2.storage))["step"] == 6
 
 
