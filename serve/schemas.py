@@ -22,10 +22,12 @@ MAX_BODY_BYTES = 1 << 20
 
 class Body(BaseModel):
     """A request body: an unknown field is an error naming it (a typo such as `filter` for
-    `filters` must not be silently ignored), and so is a non-finite number."""
+    `filters` must not be silently ignored), and so are a non-finite number and a value of
+    another JSON type."""
 
     # NaN and infinities are not JSON (Python's parser accepts them): refused, not compared.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: `"k": true` or `"k": "10"` is an error, not silently 1 or 10.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class AppArgs(ServeArgs):
