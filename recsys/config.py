@@ -379,6 +379,11 @@ class ServeArgs(_Section):
     # replica; the normal case, a million 384-d float16 vectors are under 1 GB), or in a separate
     # Retriever deployment for catalogs too big to copy into each replica (one more hop).
     retriever: Literal["in_replica", "deployment"] = "in_replica"
+    # What runs the query encoder (recsys/encoder.py ENCODER_BACKENDS): torch, or onnxruntime
+    # on CPU over an ONNX export of the same weights, fp32 or dynamically quantised to int8
+    # (made once, next to the model). The model's identity stays that of its weights, so an
+    # index built by the torch backend is accepted. Measured: docs/results/encoder-backend.txt.
+    encoder_backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeArgs:

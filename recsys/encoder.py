@@ -11,8 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,26 @@ _DEFAULTS: dict[str, Any] = {
     "query_prefix": "", "item_prefix": "", "user_history_items": 10,
 }
 ENCODING_SETTINGS = tuple(_DEFAULTS)
+# What runs the towers: torch, or onnxruntime (CPU) over an ONNX export of the same weights,
+# fp32 or with its MatMul weights dynamically quantised to int8. Not part of the identity:
+# the vectors are the same up to numerical error (fp32) or quantisation (int8), so an index
+# built by torch serves queries encoded by onnxruntime. Measured: docs/results/encoder-backend.txt.
+ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
+ONNX_DIR = "onnx"  # inside a local model folder: where its ONNX files go
+ONNX_STAMP = "recsys_onnx.json"  # in an ONNX folder: the model its files were made from, and how
+# Bumped when export_onnx / quantize_onnx change what they write: older files are made again.
+ONNX_RECIPE = 1
+
+
+def check_backend(backend: str) -> str:
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"encoder backend must be one of {', '.join(ENCODER_BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def cache_root() -> Path:
+    """recsys's local cache folder (RECSYS_CACHE, else ~/.cache/recsys)."""
+    return Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys"))
 
 
 def _weight_files(root: Path) -> list[Path]:
@@ -167,7 +189,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     if name_or_path == "bundled":
         return bundled_model_path()
     if name_or_path == "tiny-random":
-        base = Path(cache_dir or os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys"))
+        base = Path(cache_dir) if cache_dir else cache_root()
         return make_tiny_bert(base / "tiny-random-bert")
     return name_or_path
 
@@ -256,12 +278,195 @@ def load_hf_encoder(path: str, dtype: torch.dtype | None = None, keep_pooler: bo
     return model
 
 
+def onnx_key(path: str | Path) -> str:
+    """What a model's ONNX files are made from: an export's identity, else (a plain model) the
+    identity of its weights alone, so encoders of one model with other settings share them."""
+    meta = _read_meta(path) if Path(path).is_dir() else {}
+    if meta.get("model_id"):
+        return str(meta["model_id"])
+    local = _local_snapshot(str(path))
+    return model_identity(local, meta) if meta else model_identity(local, {})
+
+
+def onnx_cache_dir(key: str) -> Path:
+    """Where a model's ONNX files go when its own folder is not for them (a hub id, the bundled
+    model, a read-only folder, a downloaded copy about to be deleted)."""
+    return cache_root() / ONNX_DIR / key
+
+
+def int8_reduce_range() -> bool:
+    """Whether int8 weights get 7 bits: x86 without VNNI multiplies u8 x s8 pairs into a
+    saturating 16-bit sum, which full-range weights can overflow (onnxruntime's quantization
+    docs); VNNI and ARM have no such step."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: the safe choice
+        return True
+    return not ("avx512_vnni" in flags or "avx_vnni" in flags)
+
+
+class _TokenStates(torch.nn.Module):
+    """A tower as (input_ids, attention_mask) -> last_hidden_state: what the ONNX graph holds.
+    Pooling, projection and normalisation stay in TextEncoder, shared by every backend."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _replace_into(out: Path, write: Any) -> None:
+    """`write(tmp)` then rename onto `out`: replicas exporting into one folder at once, or one
+    killed mid-write, never leave a partial file under the real name."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_onnx(tower: str | Path, out: str | Path) -> Path:
+    """Export a tower's token states to ONNX (torch.onnx's dynamo exporter; batch and sequence
+    length dynamic; one file holding the weights, so models under 2 GB). Optimum, which
+    sentence-transformers' own ONNX backend needs, does not support transformers 5 (optimum-onnx
+    0.1 requires transformers<4.58)."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    model = load_hf_encoder(str(tower)).float().eval()
+    # The same arithmetic as SDPA, but its export (plain MatMul + Softmax) ran 1.0-1.6x faster in
+    # onnxruntime than SDPA's decomposition (masking and NaN guards), most at 192 tokens.
+    model.set_attn_implementation("eager")
+    tok = AutoTokenizer.from_pretrained(str(tower))
+    # Two rows of different lengths: the exporter specialises dimensions of size 1, and a batch
+    # without padding could trace a path that ignores the attention mask.
+    enc = tok(["an example", "a longer example text, padded to the other row's length"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with warnings.catch_warnings():
+        # The exporter's own chatter on every export, nothing about this model.
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+        _replace_into(out, lambda tmp: torch.onnx.export(
+            _TokenStates(model).eval(), (enc["input_ids"], enc["attention_mask"]), str(tmp),
+            input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            dynamo=True, external_data=False, verbose=False,
+        ))
+    log.info("exported %s to ONNX at %s", tower, out)
+    return out
+
+
+def quantize_onnx(src: str | Path, out: str | Path, reduce_range: bool | None = None) -> Path:
+    """Dynamic int8 quantisation of an ONNX encoder (onnxruntime.quantization): MatMul weights
+    to int8 per output channel, activations quantised per batch at run time; no calibration
+    data. `reduce_range` None = what this CPU needs (`int8_reduce_range`)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    rr = int8_reduce_range() if reduce_range is None else reduce_range
+    _replace_into(out, lambda tmp: quantize_dynamic(
+        Path(src), tmp, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=rr, weight_type=QuantType.QInt8,
+    ))
+    log.info("quantised %s to int8 at %s (reduce_range=%s)", src, out, rr)
+    return out
+
+
+def _stamped(stamp_file: Path, key: str) -> tuple[set[str], str | None]:
+    """The files ONNX_STAMP lists as made from model `key` by this ONNX_RECIPE (none when it
+    names another model or recipe), and the model it names."""
+    try:
+        found = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        return set(), None
+    current = found.get("model_id") == key and found.get("recipe") == ONNX_RECIPE
+    return (set(found.get("files", [])) if current else set()), found.get("model_id")
+
+
+def ensure_onnx(towers: dict[str, str], where: str | Path, key: str, int8: bool) -> dict[str, Path]:
+    """Each tower's ONNX file in folder `where` (fp32 `<tower>.onnx`, or the int8 one made from
+    it), exported now only when missing or made from another model than `key` (ONNX_STAMP
+    says which: a model folder overwritten by a retrain must not keep serving the old graph)."""
+    import onnxruntime
+
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    stamp_file = where / ONNX_STAMP
+    have, made_from = _stamped(stamp_file, key)
+    if made_from not in (None, key):
+        log.warning("ONNX files in %s were made from model %s, not %s: making them again", where, made_from, key)
+    elif made_from is not None and not have:
+        log.info("ONNX files in %s were made by an older recipe than %d: making them again", where, ONNX_RECIPE)
+
+    def made(name: str) -> None:
+        files = _stamped(stamp_file, key)[0] | {name}  # read again: another process may have added some
+        stamp = {"model_id": key, "recipe": ONNX_RECIPE, "files": sorted(files),
+                 "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+        _replace_into(stamp_file, lambda tmp: tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True)))
+
+    out: dict[str, Path] = {}
+    suffix = (".int8-reduce-range" if int8_reduce_range() else ".int8") if int8 else ""
+    for name, tower in towers.items():
+        fp32 = where / f"{name}.onnx"
+        if fp32.name not in have or not fp32.exists():
+            export_onnx(tower, fp32)
+            made(fp32.name)
+            have.discard(f"{name}{suffix}.onnx")  # made from the old fp32 file
+        out[name] = fp32
+        if int8:
+            q = where / f"{name}{suffix}.onnx"
+            if q.name not in have or not q.exists():
+                quantize_onnx(fp32, q)
+                made(q.name)
+            out[name] = q
+    return out
+
+
+class _OnnxTower:
+    """A tower run by onnxruntime, called like a transformers encoder (input_ids,
+    attention_mask -> .last_hidden_state), so TextEncoder pools, projects and normalises its
+    output with the same code as the torch towers'."""
+
+    def __init__(self, file: Path, config: Any) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # As many threads as torch takes in this process (it follows OMP_NUM_THREADS, which Ray
+        # sets per worker): switching the backend must not change a replica's share of the CPUs.
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        # onnxruntime's threads otherwise spin-wait after each call, burning CPU that the other
+        # replicas (and torch) on the node need; spinning gave no steady speed-up here.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+        self.config = config
+        self.file = file
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        (hidden,) = self.session.run(
+            ["last_hidden_state"], {"input_ids": input_ids.cpu().numpy(), "attention_mask": attention_mask.cpu().numpy()}
+        )
+        return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
+
+
 class TextEncoder:
     """Inference-only encoder over an exported recsys model or any HF encoder (zero-shot).
 
     An exported model directory holds `recsys_model.json` (pooling, normalisation, prefixes,
     token limits, projection_dim, the model's identity `model_id`, and `query/` + `item/`
     sub-folders when the towers are separate). `.model_id` identifies the model for serving.
+
+    `backend` (ENCODER_BACKENDS) picks what runs the towers; tokenisation, prefixes, truncation,
+    pooling, projection and normalisation are this class's for all of them, and `.model_id` is
+    the weights' whatever the backend. The ONNX backends run on CPU over files made once (see
+    `ensure_onnx`) in `onnx_dir`: by default `<model>/onnx/` when the model was given as a
+    writable local folder, else `onnx_cache_dir(onnx_key(model))` under RECSYS_CACHE.
     """
 
     def __init__(
@@ -276,9 +481,14 @@ class TextEncoder:
         user_history_items: int = _DEFAULTS["user_history_items"],
         device: str | None = None,
         dtype: torch.dtype = torch.float32,
+        backend: str = "torch",
+        onnx_dir: str | Path | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
+        self.backend = check_backend(backend)
+        if self.backend != "torch" and (device not in (None, "cpu") or dtype != torch.float32):
+            raise ValueError(f"encoder backend {self.backend!r} runs on CPU in float32 (onnxruntime's CPU build), got device={device!r}, dtype={dtype}")
         path = resolve_model_path(name_or_path)
         meta = _read_meta(path) if Path(path).is_dir() else {}
         self.meta = meta
@@ -289,17 +499,38 @@ class TextEncoder:
         self.query_prefix = meta.get("query_prefix", query_prefix)
         self.item_prefix = meta.get("item_prefix", item_prefix)
         self.user_history_items = int(meta.get("user_history_items", user_history_items))
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.backend == "torch":
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = "cpu"
         separate = bool(meta.get("separate_towers", False))
         q_path = str(Path(path) / "query") if separate else path
         i_path = str(Path(path) / "item") if separate else path
         self.tokenizer = AutoTokenizer.from_pretrained(q_path)
-        self.query_model = load_hf_encoder(q_path, dtype).to(self.device).eval()
-        self.item_model = (
-            load_hf_encoder(i_path, dtype).to(self.device).eval()
-            if separate
-            else self.query_model
-        )
+        self.onnx_files: dict[str, Path] = {}
+        if self.backend == "torch":
+            self.query_model: Any = load_hf_encoder(q_path, dtype).to(self.device).eval()
+            self.item_model: Any = (
+                load_hf_encoder(i_path, dtype).to(self.device).eval()
+                if separate
+                else self.query_model
+            )
+        else:
+            from transformers import AutoConfig
+
+            key = onnx_key(path)
+            if onnx_dir is None:
+                # The model's own folder only when it was named as one (not a hub id or an alias
+                # resolving into site-packages) and may be written.
+                own = Path(name_or_path).is_dir() and os.access(path, os.W_OK)
+                onnx_dir = Path(path) / ONNX_DIR if own else onnx_cache_dir(key)
+            towers = {"query": q_path, "item": i_path} if separate else {"encoder": q_path}
+            self.onnx_files = ensure_onnx(towers, onnx_dir, key, int8=self.backend == "onnx-int8")
+            first = "query" if separate else "encoder"
+            self.query_model = _OnnxTower(self.onnx_files[first], AutoConfig.from_pretrained(q_path))
+            self.item_model = (
+                _OnnxTower(self.onnx_files["item"], AutoConfig.from_pretrained(i_path)) if separate else self.query_model
+            )
         # From the metadata, never from a file's presence: a file left over from an earlier
         # export at the same place must not turn a model without a projection into one with it.
         self.projection: torch.Tensor | None = None
@@ -324,7 +555,7 @@ class TextEncoder:
         return self._model_id
 
     @classmethod
-    def from_model_config(cls, name_or_path: str, mcfg: Any) -> TextEncoder:
+    def from_model_config(cls, name_or_path: str, mcfg: Any, backend: str = "torch") -> TextEncoder:
         """A base (zero-shot) encoder read with the same pooling, limits and prefixes as training."""
         return cls(
             name_or_path,
@@ -335,6 +566,7 @@ class TextEncoder:
             query_prefix=mcfg.query_prefix,
             item_prefix=mcfg.item_prefix,
             user_history_items=mcfg.user_history_items,
+            backend=backend,
         )
 
     @property
@@ -375,18 +607,22 @@ class TextEncoder:
         return self._encode(self.item_model, texts, self.max_item_tokens, batch_size)
 
 
-def open_encoder(uri: str, cfg: Any = None) -> TextEncoder:
-    """TextEncoder over the model at a local path or object-store URI. A remote model is
-    downloaded, loaded and its copy deleted (weights and tokenizer live in memory after the
-    load; a plain model's identity is hashed while the files are there), so a replica that swaps
-    models many times does not fill its disk with old copies."""
+def open_encoder(uri: str, cfg: Any = None, backend: str = "torch") -> TextEncoder:
+    """TextEncoder (of `backend`, ENCODER_BACKENDS) over the model at a local path or
+    object-store URI. A remote model is downloaded, loaded and its copy deleted (weights and
+    tokenizer live in memory after the load; a plain model's identity is hashed while the files
+    are there), so a replica that swaps models many times does not fill its disk with old
+    copies; its ONNX files, if any, are made once into `onnx_cache_dir` and kept there."""
     from recsys import storage
 
+    check_backend(backend)  # before any download
     if not storage.is_remote(uri):
-        encoder = TextEncoder(uri)
+        encoder = TextEncoder(uri, backend=backend)
         _ = encoder.model_id  # computed now, as for the copy below
         return encoder
     with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
-        encoder = TextEncoder(str(storage.download_dir(uri, tmp, cfg)))
+        local = str(storage.download_dir(uri, tmp, cfg))
+        onnx_dir = onnx_cache_dir(onnx_key(local)) if backend != "torch" else None
+        encoder = TextEncoder(local, backend=backend, onnx_dir=onnx_dir)
         _ = encoder.model_id
     return encoder

@@ -34,8 +34,9 @@ def storage_cfg(a: AppArgs) -> Any:
 def open_encoder(a: AppArgs, model_uri: str) -> Any:
     from recsys.encoder import open_encoder as _open
 
-    # A remote model's downloaded copy is deleted once loaded: swaps do not fill the disk.
-    return _open(model_uri, storage_cfg(a))
+    # A remote model's downloaded copy is deleted once loaded: swaps do not fill the disk. The
+    # backend (torch, onnx, onnx-int8) runs the same weights; the identity stays theirs.
+    return _open(model_uri, storage_cfg(a), backend=a.encoder_backend)
 
 
 def model_id_at(a: AppArgs, uri: str, expected: str) -> str:
