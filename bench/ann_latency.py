@@ -105,8 +105,10 @@ def main() -> None:
     data = a.embeddings or "synthetic clustered embeddings, bench/ann_latency.py"
     say(f"ANN latency: {n} items x {a.dim} ({data}), "
         f"{a.queries} single queries, top-{a.k}, in process")
-    say(f"machine: {platform.processor() or platform.machine()}, 2 cores SHARED with other jobs (timings noisy); "
-        f"FAISS single-query search is one thread, numpy's matvec uses the BLAS threads")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load} before the queries "
+        f"(above the core count = other jobs compete: timings noisy); FAISS single-query search is one thread, numpy's matvec "
+        f"uses the BLAS threads")
     say(f"index: {type(ann._faiss).__name__} nlist={ann.nlist} nprobe={ann.nprobe} "
         f"filter_exact_max_kept={ann.filter_exact_max_kept}")
     say(f"data {gen_s:.1f}s; build (train + add) {build_s:.1f}s; index memory {mem / 2**30:.2f} GiB "

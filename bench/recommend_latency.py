@@ -4,9 +4,9 @@ Two exports of the same text towers, one with a (randomly initialised, default-s
 `sequence` config section's defaults) sequence user tower attached, each with its index, served
 side by side by Ray Serve on loopback and loaded one after the other with the same requests:
 POST /recommend with `recent_item_ids` (a history of --history catalog items), k=10, at 1 and 16
-concurrent clients. The text path is Ingress -> Retriever (history texts) -> Encoder (the user
-text through the query tower) -> Retriever (top-k); the sequence path is Ingress -> Retriever
-(tower over the stored catalog embeddings of the history, top-k). Prints p50 / p99 / requests/s of
+concurrent clients. Both run in the one Ingress replica (serve/app.py): the text path renders the
+history texts and encodes them through the query tower, then ranks; the sequence path runs the
+tower over the stored catalog embeddings of the history, then ranks. Prints p50 / p99 / requests/s of
 each and the ratios, and checks both answer every request.
 
     python -m bench.recommend_latency [--model bundled|tiny-random|PATH] [--items 2000] [--history 10] [--requests 300]
@@ -97,7 +97,7 @@ def main() -> None:
             args = {**e, "items_uri": str(root / "items"), "max_batch_size": 16, "batch_wait_timeout_s": 0.005,
                     "min_replicas": 1, "max_replicas": 1, "replica_cpus": 0.5, "max_ongoing_requests": 64, "max_queued_requests": 256}
             serve.run(app_builder(args), name=name, route_prefix=f"/{name}")
-            tower = serve.get_deployment_handle("Retriever", name).info.remote().result(timeout_s=60)["user_tower"]
+            tower = serve.get_deployment_handle("Ingress", name).info.remote().result(timeout_s=60)["user_tower"]
             if tower != name:
                 raise RuntimeError(f"app {name!r} ranks users by the {tower} tower")
         for name in exports:  # one at a time: the other app idles

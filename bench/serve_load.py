@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 WORDS = {
     "brand": ["Stridex", "Brewmont", "Caffelo", "Pawsome", "Sitwell", "Greenflow", "Trailhaven", "Lumina", "Northpeak", "Cozyloft"],
@@ -146,6 +147,14 @@ async def http_load(url: str, path: str, bodies: list[dict[str, Any]], clients: 
     return out
 
 
+class PlainSearch(BaseModel):
+    """The baseline's request body (module level: FastAPI resolves annotations by name)."""
+
+    query: str
+    k: int = 10
+    mode: str = "dense"
+
+
 def plain_server(model: str, items_dir: str, port: int) -> None:
     """The baseline a user would write by hand: FastAPI + uvicorn, one process, one sync
     endpoint (FastAPI runs it in its thread pool), the same encoder and exact top-k."""
@@ -153,7 +162,6 @@ def plain_server(model: str, items_dir: str, port: int) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     from recsys.encoder import TextEncoder
 
@@ -164,17 +172,12 @@ def plain_server(model: str, items_dir: str, port: int) -> None:
     emb = enc.encode_items(items.column("text").to_pylist())
     app = FastAPI()
 
-    class Body(BaseModel):
-        query: str
-        k: int = 10
-        mode: str = "dense"
-
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.post("/search")
-    def search(body: Body) -> dict[str, Any]:
+    def search(body: PlainSearch) -> dict[str, Any]:
         q = enc.encode_queries([body.query])[0]
         scores = emb @ q
         top = np.argpartition(-scores, body.k)[: body.k]
