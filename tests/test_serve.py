@@ -140,6 +140,27 @@ def test_one_hop_by_default_and_a_separate_retriever_answers_the_same(service) -
     assert c.get("/split/readyz").json()["items"] == len(TITLES)
 
 
+def test_an_onnx_encoder_backend_serves_the_same_ranking(service) -> None:
+    """Issue 17: `encoder_backend: onnx` runs the same weights through onnxruntime in the
+    replica; the served ranking and scores equal the torch app's (and the offline ones)."""
+    from ray import serve
+
+    from serve.app import app_builder
+
+    args = {"model_uri": service["model"], "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2,
+            "encoder_backend": "onnx"}
+    serve.run(app_builder(args), name="onnx", route_prefix="/onnx")
+    try:
+        c = service["client"]
+        for q in ("trail running shoes", "espresso", "dog bed for a large dog"):
+            body = {"query": q, "k": 8, "mode": "dense"}
+            torch_items, onnx_items = c.post("/search", json=body).json()["items"], c.post("/onnx/search", json=body).json()["items"]
+            assert [i["item_id"] for i in onnx_items] == [i["item_id"] for i in torch_items] == _offline(service["model"], service["table"], q, 8)
+            np.testing.assert_allclose([i["score"] for i in onnx_items], [i["score"] for i in torch_items], atol=1e-5)
+    finally:
+        serve.delete("onnx")
+
+
 def test_search_modes_lexical_and_hybrid_match_offline(service, tmp_path) -> None:
     """Issue 16: `mode` picks dense, lexical (BM25) or hybrid (both fused); the default is the
     config's (hybrid). Without a saved BM25 index the replica builds one and fuses by RRF; with
