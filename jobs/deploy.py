@@ -1,8 +1,8 @@
 """Deploy the Serve app on the run's exported model and index; returns once it is ready.
 
 The index is used only if it records the export's model_id (built by jobs.index from this
-export); one built by another model is refused with both identities named. Without an index the
-Retriever embeds the catalog at start-up. Deploying again after retraining to the same path
+export); one built by another model is refused with both identities named. Without an index each
+replica embeds the catalog at start-up. Deploying again after retraining to the same path
 serves the new weights: the deployment is keyed by the model's identity, not its path.
 
     python -m jobs.deploy --config jobs/configs/train_local.yaml serve.port=8000

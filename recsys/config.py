@@ -366,10 +366,11 @@ class ServeArgs(_Section):
     max_replicas: int = Field(2, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # -1 = unbounded
-    # Logical CPUs reserved per model replica (Encoder, Retriever); GPUs for the Encoder.
+    # Logical CPUs reserved per model replica (the Ingress, which holds the encoder; and a
+    # separate Retriever, if any); GPUs per Ingress replica.
     replica_cpus: float = Field(0.5, gt=0)
     encoder_gpus: float = Field(0.0, ge=0)
-    # Custom Ray resources per Encoder replica, e.g. {"serve": 1} to keep encoders on the
+    # Custom Ray resources per Ingress replica, e.g. {"serve": 1} to keep the replicas on the
     # serving node pool (cluster/aws-gpu.yaml, cluster/kuberay/rayservice.yaml).
     encoder_resources: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     # What `POST /search` does when the request names no `mode`: dense (the towers), lexical

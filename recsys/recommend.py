@@ -25,9 +25,9 @@ Same model and ranking as the Serve app: the model, items and index are the `ser
 (else this run's export, items and index, built first when missing or stale: recommend.build_index);
 the user text is recsys.encoder.render_user_text (history newest first), the vectors
 TextEncoder.encode_queries, the top-k recsys.retrieval.search with its filters and exclusions,
-exactly as serve/app.py's Encoder and Retriever. A model with a sequence user tower
+exactly as the served app (serve/catalog.py; exact there up to eval.exact_max_items items, IVF above). A model with a sequence user tower
 (recsys.sequence) ranks the rows without a query by that tower over the index's embeddings of
-the history (recsys.sequence.SequenceCatalog, as the app's Retriever does); rows with a query
+the history (recsys.sequence.SequenceCatalog, as the app does); rows with a query
 keep the text path. Each actor of the pool holds the encoder, the sequence tower if any, the
 catalog embeddings (recsys.index.load_index, refused unless this model built them) and the
 shop's user histories (one copy in the object store) once.

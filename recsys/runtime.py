@@ -74,6 +74,13 @@ def ensure_ray(num_cpus: int | None = None, cfg: Config | None = None, **kwargs:
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
+    if cfg is not None:
+        # Keys given in the config (not the environment): a local cluster's processes, Serve
+        # replicas included, inherit this process's environment, so they read them from there
+        # and no Serve config or deployment argument needs to carry them.
+        for key, value in (("AWS_ACCESS_KEY_ID", cfg.storage.s3_access_key), ("AWS_SECRET_ACCESS_KEY", cfg.storage.s3_secret_key)):
+            if value:
+                os.environ[key] = value
     env = worker_env(cfg)
     if "HF_HUB_OFFLINE" in env:
         # The driver loads models too, and a local cluster's processes inherit its environment.

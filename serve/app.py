@@ -107,7 +107,7 @@ class Ingress:
             raise ValueError(f"auth_token_env={a.auth_token_env!r} names an unset or empty environment variable")
         # Admission: requests past max_ongoing + max_queued in this replica are refused at once
         # with 503 + Retry-After (Serve's own queue limit answers 503 without one).
-        self.limit = a.max_ongoing_requests + max(0, a.max_queued_requests)
+        self.limit = a.max_ongoing_requests + a.max_queued_requests if a.max_queued_requests >= 0 else float("inf")
         self.inflight = 0
         self.encoder: Any = None
         self.catalog: Catalog | None = None  # None with a separate Retriever
@@ -292,7 +292,8 @@ class Ingress:
         """What this replica serves (serve/control.py waits on it during deploys and swaps)."""
         enc = self.encoder
         out = {"model_uri": self.model_uri, "model_id": self.model_id, "retriever": "deployment" if self.retriever is not None else "in_replica",
-               "dim": enc.dim if enc is not None else 0, "user_history_items": enc.user_history_items if enc is not None else 0}
+               "dim": enc.dim if enc is not None else 0, "user_history_items": enc.user_history_items if enc is not None else 0,
+               "encoder_backend": getattr(enc, "backend", "")}
         if self.catalog is not None:
             out.update({k: v for k, v in self.catalog.info().items() if k not in out})
         return out

@@ -193,6 +193,7 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
     if index_uri:
         model_id = model_id or model_id_at(a, model_uri, "")
         ann = load_index(index_uri, storage_cfg(a), model_id=model_id)
+        saved_ids = ann.ids
         if ann.ids != ids:
             # Built over another item table (more items, or another order): the catalog's rows
             # are what is served, so an index over exactly them is built here (once per load).
@@ -215,7 +216,11 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
     if lexical is not None:
         bm25, fusion = lexical[0], lexical[1]
         if bm25.item_ids is not None and bm25.item_ids != ids:
-            raise ValueError(f"the BM25 index at {index_uri} covers other items than {items_uri}: rebuild it with `python -m jobs.index`")
+            if bm25.item_ids != saved_ids:
+                raise ValueError(f"the BM25 index at {index_uri} covers other items than its dense index: rebuild it with `python -m jobs.index`")
+            # Saved over the same other item table as the dense index: rebuilt over the catalog's
+            # texts like the dense index above, with the saved fusion.
+            bm25 = BM25Index.build(texts, ids)
     else:
         # No BM25 saved with an index (none given, or one built before hybrid search): built here
         # from the same texts, fused by the parameter-free RRF (nothing chose a weight).

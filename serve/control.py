@@ -11,7 +11,6 @@ their environment (a local cluster inherits this process's; on Kubernetes a Secr
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -61,6 +60,11 @@ def app_config(args: dict[str, Any], name: str = "recsys", route_prefix: str = "
     a = AppArgs(**args)
     if not a.model_uri or not a.items_uri:
         raise ValueError("app_config needs model_uri and items_uri")
+    if a.auth_token:
+        # The Serve config is readable by anyone with dashboard access: the token must come from
+        # the replicas' environment (a Kubernetes Secret), named by auth_token_env.
+        raise ValueError("serve.auth_token would be written into the Serve config in clear: put the token in an environment "
+                         "variable of the cluster (a Secret) and set serve.auth_token_env to its name instead")
     static = {**a.model_dump(), **{k: "" for k in SWAPPABLE}}
     out: dict[str, Any] = {
         "name": name,
@@ -209,10 +213,7 @@ def deploy(cfg: Any) -> dict[str, Any]:
     from recsys.runtime import ensure_ray
 
     # Keys given in the config reach a local cluster's replicas through the environment it
-    # inherits from this process, never through the Serve config.
-    for key, value in (("AWS_ACCESS_KEY_ID", cfg.storage.s3_access_key), ("AWS_SECRET_ACCESS_KEY", cfg.storage.s3_secret_key)):
-        if value:
-            os.environ.setdefault(key, value)
+    # inherits from this process when ensure_ray starts it, never through the Serve config.
     ensure_ray(cfg=cfg)
     s = cfg.serve
     args = app_args(cfg)

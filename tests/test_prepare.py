@@ -42,9 +42,13 @@ def test_prepare_synthetic_round_trip_through_s3(ray_cluster: None, s3_server, s
             "--config", str(TINY),
             f"storage.root={s3_storage.root}",
             f"storage.s3_endpoint={s3_storage.s3_endpoint}",
+            f"storage.s3_secret_key={s3_storage.s3_secret_key}",
         ]
     )
     cfg = Config(storage=s3_storage)
+    # Issue 18: the manifest records the resolved config, never its credentials.
+    written = storage.read_bytes(paths.manifest(cfg), cfg.storage).decode()
+    assert s3_storage.s3_secret_key not in written and s3_storage.s3_secret_key not in json.dumps(manifest)
     c = manifest["counts"]
     gen = manifest["source"]["synthetic"]
 

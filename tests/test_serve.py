@@ -157,6 +157,8 @@ def test_an_onnx_encoder_backend_serves_the_same_ranking(service) -> None:
             torch_items, onnx_items = c.post("/search", json=body).json()["items"], c.post("/onnx/search", json=body).json()["items"]
             assert [i["item_id"] for i in onnx_items] == [i["item_id"] for i in torch_items] == _offline(service["model"], service["table"], q, 8)
             np.testing.assert_allclose([i["score"] for i in onnx_items], [i["score"] for i in torch_items], atol=1e-5)
+        info = serve.get_deployment_handle("Ingress", "onnx").info.remote().result(timeout_s=30)
+        assert info["encoder_backend"] == "onnx", info
     finally:
         serve.delete("onnx")
 
@@ -363,6 +365,8 @@ def test_no_object_store_secret_reaches_the_args_or_the_serve_config(tmp_path, m
     monkeypatch.setattr(ray, "get_runtime_context", lambda: Ctx())
     app = app_config(args, model_id="mid")
     text = json.dumps(app)
+    with pytest.raises(ValueError, match="auth_token_env"):
+        app_config({**args, "auth_token": "api-token-value-987"}, model_id="mid")
     assert secret not in text and "AKEY" not in text and "api-token-value-987" not in text, text
     assert app["runtime_env"]["env_vars"] == {"HF_HUB_OFFLINE": "1"}
 
@@ -394,10 +398,13 @@ def _replica_ids(app: str) -> dict[str, set[str]]:
     return {n: {r["replica_id"] for r in d["replicas"]} for n, d in deps.items()}
 
 
-def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, tmp_path) -> None:
+@pytest.mark.parametrize("retriever", ["in_replica", "deployment"])
+def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, tmp_path, retriever) -> None:
     """Swapping a declaratively deployed app to a new model URI under load: every request is
     answered 200, each answer wholly from one model, the same replicas keep running (an in-place
-    reconfigure, not a restart), the new model serves afterwards, and live profiles survive."""
+    reconfigure, not a restart), the new model serves afterwards, and live profiles survive. With
+    a separate Retriever the two sides switch at different moments: the model mismatch crosses a
+    deployment handle and must be retried, not answered."""
     from ray import serve
 
     from recsys.encoder import make_tiny_bert
@@ -408,8 +415,9 @@ def test_swap_to_a_new_checkpoint_drops_nothing_and_never_mixes_models(service, 
     ids, texts = service["table"].column("item_id").to_pylist(), service["table"].column("text").to_pylist()
     enc_b = TextEncoder(model_b)
     build_index(enc_b.encode_items(texts), ids, model_id=enc_b.model_id).save(str(tmp_path / "index-b"))
-    base = {"model_uri": service["model"], "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2}
+    base = {"model_uri": service["model"], "items_uri": service["items_dir"], "max_replicas": 1, "replica_cpus": 0.2, "retriever": retriever}
     deploy_args(base, name="swap", route_prefix="/swap", timeout_s=180)
+    assert ("Retriever" in _replica_ids("swap")) == (retriever == "deployment")
     c = service["client"]
     assert c.post("/swap/events", json={"user_id": "u-swap", "events": [{"item_id": "P1", "event_type": "click"}]}).status_code == 200
     query = "trail running shoes"
@@ -496,6 +504,31 @@ def test_an_index_of_another_model_is_refused_naming_both(tiny_model, tmp_path) 
         load_catalog(AppArgs(), tiny_model, items_dir, str(tmp_path / "index-anon"))
     catalog = load_catalog(AppArgs(), tiny_model, items_dir, str(tmp_path / "index-a"))
     assert catalog.model_id == enc_a.model_id
+
+
+def test_an_index_over_more_items_than_the_catalog_serves_the_catalog(tiny_model, tmp_path) -> None:
+    """An index built over a larger item table (with its BM25) serves exactly the catalog's
+    items: the dense index and BM25 are rebuilt over them at load, both in catalog order (the
+    BM25 check used to refuse this case after the dense index had been rebuilt)."""
+    from recsys import hybrid
+    from recsys.bm25 import BM25Index
+    from recsys.index import build_index
+    from serve.catalog import load_catalog
+    from serve.schemas import AppArgs
+
+    (tmp_path / "items").mkdir()
+    table = _write_items(tmp_path / "items")
+    ids, texts = table.column("item_id").to_pylist(), table.column("text").to_pylist()
+    more_ids, more_texts = ["X1", *reversed(ids), "X2"], ["extra item one", *reversed(texts), "extra item two"]
+    enc = TextEncoder(tiny_model)
+    index = build_index(enc.encode_items(more_texts), more_ids, model_id=enc.model_id)
+    fusion = hybrid.Fusion(method="convex", weight=0.3)
+    index.save(str(tmp_path / "index"), extra=lambda d: hybrid.save_lexical(d, BM25Index.build(more_texts, more_ids), fusion, {}))
+    c = load_catalog(AppArgs(), tiny_model, str(tmp_path / "items"), str(tmp_path / "index"))
+    assert c.ann.ids == ids and c.lexical.item_ids == ids and c.fusion == fusion
+    q = enc.encode_queries(["espresso machine"])[0]
+    assert [r["item_id"] for r in c.search(q, 8, None, None, enc.model_id)] == _offline(tiny_model, table, "espresso machine", 8)
+    assert {r["item_id"] for r in c.search_hybrid(q, "espresso machine", 8, None, enc.model_id)} <= set(ids)
 
 
 def test_a_restarted_replica_refuses_weights_re_exported_since_the_deploy(tiny_model, tmp_path) -> None:

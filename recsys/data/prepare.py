@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import ray
 
 from recsys import paths, storage
-from recsys.config import Config, to_dict
+from recsys.config import Config, redacted
 from recsys.data import dedup, io
 from recsys.data.examples import build_all_examples
 from recsys.data.text import render_item_text
@@ -411,7 +411,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "items": ITEMS_SCHEMA.to_string(),
             "quarantine": QUARANTINE_SCHEMA.to_string(),
         },
-        "config": to_dict(cfg),
+        "config": redacted(cfg),  # credentials never in a written manifest
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     storage.write_json(paths.manifest(cfg), manifest, cfg.storage)
