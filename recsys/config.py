@@ -356,8 +356,10 @@ class ServeArgs(_Section):
     model_uri: str = Field("", description="exported model dir (local path or s3://); config default: <root>/<run>/export")
     index_uri: str = Field("", description="saved catalog index (jobs.index; must be built by this model); empty = embed the catalog at start-up; config default: <root>/<run>/index when it exists")
     items_uri: str = Field("", description="items parquet dir in ITEMS_SCHEMA (local path or s3://); config default: <root>/data/items")
-    # Bearer token for the whole API; empty = no auth (local mode). In clusters name an
-    # environment variable instead (filled from a Kubernetes Secret), so no token sits in a YAML.
+    # Bearer token for the whole API; empty = no auth (local mode). `jobs.deploy` (a declarative
+    # Serve config, readable from the dashboard) refuses it: name an environment variable of the
+    # cluster instead (auth_token_env, filled from a Kubernetes Secret); only an app built in
+    # process (`serve.run(app_builder(...))`) takes the token itself.
     auth_token: str = ""
     auth_token_env: str = ""
     max_batch_size: int = Field(16, ge=1, le=1024)
