@@ -70,6 +70,17 @@ def _ms(lat: list[float]) -> tuple[float, float]:
     return float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3)
 
 
+def timed(index: Index, qs: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[list[np.ndarray], list[float]]:
+    """Each query's top-k positions through `index.search_one`, and its latency in seconds."""
+    tops, lat = [], []
+    for q in qs:
+        t0 = time.perf_counter()
+        top, _ = index.search_one(q, k, keep)
+        lat.append(time.perf_counter() - t0)
+        tops.append(top)
+    return tops, lat
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=1_000_000)
@@ -128,18 +139,8 @@ def main() -> None:
         ann.filter_exact_max_kept = max_kept
         kept = n if keep is None else int(keep.sum())
         mask = np.ones(n, dtype=bool) if keep is None else keep
-        truth, lat_exact = [], []
-        for q in qs:
-            t0 = time.perf_counter()
-            top, _ = exact.search_one(q, a.k, keep)
-            lat_exact.append(time.perf_counter() - t0)
-            truth.append(top)
-        got, lat = [], []
-        for q in qs:
-            t0 = time.perf_counter()
-            top, _ = ann.search_one(q, a.k, keep)
-            lat.append(time.perf_counter() - t0)
-            got.append(top)
+        truth, lat_exact = timed(exact, qs, a.k, keep)
+        got, lat = timed(ann, qs, a.k, keep)
         want = min(a.k, kept)
         bad = sum(int((~mask[g]).sum()) for g in got)
         short = sum(len(g) < want for g in got)
@@ -159,12 +160,8 @@ def main() -> None:
         truth = [exact.search_one(q, a.k)[0] for q in sub]
         for nprobe in [int(v) for v in a.sweep.split(",")]:
             ann.nprobe = nprobe
-            lat, rec = [], []
-            for q, w in zip(sub, truth, strict=True):
-                t0 = time.perf_counter()
-                top, _ = ann.search_one(q, a.k)
-                lat.append(time.perf_counter() - t0)
-                rec.append(len(np.intersect1d(top, w)) / a.k)
+            got, lat = timed(ann, sub, a.k)
+            rec = [len(np.intersect1d(top, w)) / a.k for top, w in zip(got, truth, strict=True)]
             p50, p99 = _ms(lat)
             say(f"  nprobe {nprobe:3d}: recall@{a.k} {np.mean(rec):.4f}  p50 {p50:.2f}ms  p99 {p99:.2f}ms")
         ann.nprobe = default

@@ -285,7 +285,7 @@ def onnx_key(path: str | Path) -> str:
     if meta.get("model_id"):
         return str(meta["model_id"])
     local = _local_snapshot(str(path))
-    return model_identity(local, meta) if meta else model_identity(local, {})
+    return model_identity(local, meta)
 
 
 def onnx_cache_dir(key: str) -> Path:

@@ -85,15 +85,6 @@ async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"error": exc.message}, headers=exc.headers)
 
 
-def _batch_settings(target: Any, user_config: dict[str, Any]) -> None:
-    if "max_batch_size" in user_config:
-        target.encode_batched.set_max_batch_size(int(user_config["max_batch_size"]))
-    if "batch_wait_timeout_s" in user_config:
-        target.encode_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
-    if "batching" in user_config:
-        target.batching = bool(user_config["batching"])
-
-
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -114,7 +105,12 @@ class Ingress:
         self.model_uri = self.model_id = ""
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _batch_settings(self, user_config)
+        if "max_batch_size" in user_config:
+            self.encode_batched.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.encode_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        if "batching" in user_config:
+            self.batching = bool(user_config["batching"])
         source = tuple(user_config.get(k) or "" for k in SWAPPABLE)
         if not source[0]:
             return
