@@ -397,12 +397,30 @@ class ServeArgs(_Section):
 
 class ServeConfig(ServeArgs):
     """What jobs.deploy passes to the Serve app (serve/app.py AppArgs); empty URIs = this run's."""
+    # Directory of the live-profile store's event log, <dir>/<profile_store>.jsonl: each accepted
+    # /events batch is appended and fsynced before the answer, and replayed when the store
+    # (re)starts, so profiles survive the loss of its actor (serve/profiles.py). A local path on
+    # the store actor's node (a mounted volume on a cluster; an object store cannot append).
+    # Config default: <root>/profiles when storage.root is a local path; with an object-store
+    # root, and in the app's own args, empty = profiles in memory only, lost with the actor.
+    profile_log_dir: str = ""
+    # Replicas of the Profiles deployment (the front of that store, no model). With one, the
+    # loss of its node stalls every /recommend with a user_id and /events until Serve replaces
+    # it; two are spread over two nodes (measured: docs/reliability.md).
+    profile_replicas: int = Field(1, ge=1)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = Field("recsys", min_length=1)
     route_prefix: str = Field("/", pattern=r"^/")
 
+
+    @model_validator(mode="after")
+    def _local_profile_log(self) -> ServeArgs:
+        if "://" in self.profile_log_dir:
+            raise ValueError(f"profile_log_dir {self.profile_log_dir!r} is a URI: the profile log is appended and fsynced, "
+                             "so it needs a plain local (or mounted) directory path on the store's node")
+        return self
 
 class RecommendConfig(_Section):
     """The batch job (jobs.recommend): top-k for every user or request row, written as parquet.

@@ -359,8 +359,8 @@ def app_builder(args: dict[str, Any]) -> Any:
     static = {**a.model_dump(), **{k: "" for k in SWAPPABLE}}  # identical across checkpoints: no replica restarts
     ucs = user_configs(a)
     profiles = Profiles.options(
-        ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
-    ).bind(a.max_history, a.profile_store)
+        num_replicas=a.profile_replicas, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
+    ).bind(a.max_history, a.profile_store, os.path.abspath(a.profile_log_dir) if a.profile_log_dir else "", a.profile_log_compact_lines)
     retriever = None
     if a.retriever == "deployment":
         retriever = Retriever.options(

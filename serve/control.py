@@ -11,6 +11,7 @@ their environment (a local cluster inherits this process's; on Kubernetes a Secr
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -48,9 +49,23 @@ def app_args(cfg: Any) -> dict[str, Any]:
         log.info("no index at %s: the replicas embed the catalog with model %s at start-up", paths.index_dir(cfg), model_id)
     shared = {k: getattr(s, k) for k in AppArgs.model_fields if hasattr(s, k)}
     args = {**shared, "model_uri": model_uri, "items_uri": s.items_uri or paths.items(cfg), "index_uri": index,
-            "s3_endpoint": cfg.storage.s3_endpoint}
+            "s3_endpoint": cfg.storage.s3_endpoint, "profile_log_dir": _profile_log_dir(cfg)}
     AppArgs(**args)  # fail here, in the job, on a bad value rather than in a replica
     return args
+
+
+def _profile_log_dir(cfg: Any) -> str:
+    """serve.profile_log_dir, else <root>/profiles for a local root (absolute: the store actor's
+    working directory is not this process's); an object-store root cannot hold an appended log."""
+    from recsys import storage
+
+    if cfg.serve.profile_log_dir:
+        return os.path.abspath(cfg.serve.profile_log_dir)
+    if storage.is_remote(cfg.storage.root):
+        log.warning("live profiles are kept in memory only (lost if their store actor dies): storage.root %s is an object "
+                    "store; set serve.profile_log_dir to a local or mounted directory to persist them", cfg.storage.root)
+        return ""
+    return os.path.abspath(os.path.join(cfg.storage.root.removeprefix("file://"), "profiles"))
 
 
 def app_config(args: dict[str, Any], name: str = "recsys", route_prefix: str = "/", model_id: str = "") -> dict[str, Any]:

@@ -39,7 +39,10 @@ class AppArgs(ServeArgs):
     batching: bool = True
     max_history: int = Field(50, ge=1)
     # Name of the detached actor holding live profiles; apps sharing it share users' profiles.
-    profile_store: str = Field("recsys-profiles", min_length=1, max_length=200)
+    # It also names the store's log file (<profile_log_dir>/<profile_store>.jsonl).
+    profile_store: str = Field("recsys-profiles", pattern=r"^[A-Za-z0-9._-]{1,200}$")
+    # The profile log is rewritten as one snapshot line per user past this many lines.
+    profile_log_compact_lines: int = Field(10_000, ge=1)
     s3_endpoint: str = ""
 
 

@@ -195,6 +195,26 @@ def _typed_timestamps(col: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     return pc.if_else(pc.is_valid(ts), pc.cast(ts, pa.string()), stored)
 
 
+def _utf8_or_replaced(values: list[bytes | None]) -> pa.Array:
+    """Bytes -> strings, invalid UTF-8 as U+FFFD (as the text readers decode), so the row is
+    quarantined as bad_encoding."""
+    return pa.array([None if v is None else v.decode("utf-8", errors="replace") for v in values], pa.string())
+
+
+def _valid_utf8(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A string column as is, or with invalid UTF-8 replaced by U+FFFD: parquet writers need
+    not validate and pyarrow's reader does not, and invalid bytes fail the string kernels
+    (ArrowInvalid: Invalid UTF8) or the conversion to Python later. One validation pass; only a
+    column holding invalid bytes pays per-row work."""
+    try:
+        col.validate(full=True)
+        return col
+    except pa.ArrowInvalid:
+        return pa.chunked_array(
+            [_utf8_or_replaced(ch.view(pa.binary()).to_pylist()) for ch in col.chunks], pa.string()
+        )
+
+
 def _to_raw(batch: pa.Table, columns: tuple[str, ...], source: str | None = None) -> pa.Table:
     """Canonical columns as strings + `extra` for the rest + `_source` + `_type_error`.
 
@@ -211,7 +231,7 @@ def _to_raw(batch: pa.Table, columns: tuple[str, ...], source: str | None = None
             continue
         col = batch.column(c)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            out[c] = pc.cast(col, pa.string())
+            out[c] = _valid_utf8(pc.cast(col, pa.string()))
         elif pa.types.is_null(col.type):
             out[c] = pa.nulls(n, pa.string())
         elif c == "timestamp" and pa.types.is_timestamp(col.type):
@@ -231,7 +251,11 @@ def _to_raw(batch: pa.Table, columns: tuple[str, ...], source: str | None = None
     if "extra" in columns and "extra" not in out:
         if rest:
             # Unknown source fields are kept verbatim as JSON (only shops with extra columns pay).
-            rows = batch.select(rest).to_pylist()
+            extra_cols = batch.select(rest)
+            for k, f in enumerate(extra_cols.schema):
+                if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+                    extra_cols = extra_cols.set_column(k, f.name, _valid_utf8(pc.cast(extra_cols.column(k), pa.string())))
+            rows = extra_cols.to_pylist()
             extra = [json.dumps({k: v for k, v in r.items() if v is not None}, default=str) for r in rows]
             out["extra"] = pa.array(extra, pa.string())
         else:
@@ -259,6 +283,16 @@ def _unsplit_rows(lines: list[str], errors: list[str], columns: tuple[str, ...],
     return pa.table(cols)
 
 
+def _strings(values: list[str | None]) -> pa.Array:
+    """Parsed JSON strings -> a string column. A JSON escape of a lone surrogate ("\\ud800")
+    parses to a str UTF-8 cannot hold: it becomes U+FFFD, so the row is quarantined as
+    bad_encoding instead of failing the read (only a batch holding one pays per value)."""
+    try:
+        return pa.array(values, pa.string())
+    except UnicodeEncodeError:
+        return _utf8_or_replaced([None if v is None else v.encode("utf-8", "surrogatepass") for v in values])
+
+
 def _parse_jsonl_lines(batch: pa.Table, columns: tuple[str, ...]) -> pa.Table:
     """Lines of JSON -> raw rows; unparsable lines and wrongly typed fields are flagged.
 
@@ -277,12 +311,15 @@ def _parse_jsonl_lines(batch: pa.Table, columns: tuple[str, ...]) -> pa.Table:
             continue
         try:
             obj = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            # RecursionError: nested deeper than the parser recurses; a ValueError other than
+            # JSONDecodeError (an integer over Python's digit limit) has no .msg.
+            msg = getattr(e, "msg", None) or str(e)
             if final:
                 row["_truncated"] = True
-                row["_type_error"] = f"the file's last line has no newline and is not valid JSON (cut off?): {e.msg}"
+                row["_type_error"] = f"the file's last line has no newline and is not valid JSON (cut off?): {msg}"
             else:
-                row["_type_error"] = f"unparsable JSON: {e.msg} ({text[:80]!r})"
+                row["_type_error"] = f"unparsable JSON: {msg} ({text[:80]!r})"
             row["_raw"] = text
             rows.append(row)
             continue
@@ -306,7 +343,7 @@ def _parse_jsonl_lines(batch: pa.Table, columns: tuple[str, ...]) -> pa.Table:
             row["extra"] = json.dumps(extra, default=str)
         rows.append(row)
     names = [*columns, "_source", "_type_error", "_raw"]
-    out = {c: pa.array([r.get(c) for r in rows], pa.string()) for c in names}
+    out = {c: _strings([r.get(c) for r in rows]) for c in names}
     out["_truncated"] = pa.array([r.get("_truncated", False) for r in rows], pa.bool_())
     return pa.table(out)
 
@@ -320,10 +357,7 @@ def _decode_csv_bytes(batch: pa.Table, columns: tuple[str, ...], source: str | N
             try:
                 out[c] = pc.cast(col, pa.string())
             except pa.ArrowInvalid:
-                out[c] = pa.array(
-                    [None if v is None else v.decode("utf-8", errors="replace") for v in col.to_pylist()],
-                    pa.string(),
-                )
+                out[c] = _utf8_or_replaced(col.to_pylist())
         else:
             out[c] = col
     return _to_raw(pa.table(out), columns, source)
@@ -354,7 +388,8 @@ def _jsonl_files_to_raw(
         lines = [ln for ln in pieces if ln.strip()]
         for start in range(0, len(lines), _JSONL_CHUNK_LINES):
             chunk = lines[start : start + _JSONL_CHUNK_LINES]
-            texts = [ln.decode("utf-8", errors="replace").rstrip("\r") for ln in chunk]
+            # A byte order mark also starts each file that was concatenated onto another.
+            texts = [ln.decode("utf-8", errors="replace").rstrip("\r").removeprefix("\ufeff") for ln in chunk]
             final = np.zeros(len(texts), dtype=bool)
             if open_end and start + len(chunk) == len(lines):
                 final[-1] = True
@@ -372,6 +407,15 @@ def _jsonl_files_to_raw(
 
 # Quoted values (product descriptions) may hold newlines: the CSV reader must not split there.
 _CSV_PARSE = {"newlines_in_values": True}
+# pyarrow's CSV reader fails on a row longer than its block ("straddling object straddles two
+# block boundaries"; 1 MiB by default): a block as large as the file holds any row, up to a
+# cap that bounds a reader's memory on large files (a row over 64 MiB still fails there).
+_CSV_MIN_BLOCK, _CSV_MAX_BLOCK = 1 << 20, 1 << 26
+
+
+def _csv_read_options(fs: pafs.FileSystem, path: str) -> pacsv.ReadOptions:
+    size = fs.get_file_info(path).size or 0
+    return pacsv.ReadOptions(block_size=int(min(max(size + 1, _CSV_MIN_BLOCK), _CSV_MAX_BLOCK)))
 
 
 def _csv_names(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -381,7 +425,7 @@ def _csv_names(fs: pafs.FileSystem, path: str) -> list[str]:
         with fs.open_input_stream(path) as f:
             reader = pacsv.open_csv(
                 f,
-                read_options=pacsv.ReadOptions(block_size=1 << 16),
+                read_options=_csv_read_options(fs, path),
                 parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip", **_CSV_PARSE),
             )
             return list(reader.schema.names)
@@ -414,6 +458,7 @@ def _csv_file_to_raw(fs: pafs.FileSystem, path: str, columns: tuple[str, ...], s
     with fs.open_input_stream(path) as f:
         reader = pacsv.open_csv(
             f,
+            read_options=_csv_read_options(fs, path),
             parse_options=pacsv.ParseOptions(invalid_row_handler=keep, **_CSV_PARSE),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.binary() for n in names}, strings_can_be_null=True
@@ -620,6 +665,7 @@ def _count_csv(fs: pafs.FileSystem, path: str) -> tuple[int, int]:
         with fs.open_input_stream(path) as f:
             reader = pacsv.open_csv(
                 f,
+                read_options=_csv_read_options(fs, path),
                 parse_options=pacsv.ParseOptions(
                     invalid_row_handler=invalid, ignore_empty_lines=ignore_empty_lines, **_CSV_PARSE
                 ),

@@ -113,6 +113,25 @@ def _bad_chars(col: pa.ChunkedArray, pattern: str) -> pa.ChunkedArray:
     return pc.fill_null(pc.match_substring_regex(col, pattern), False)
 
 
+def _any_of(masks: dict[str, Any]) -> pa.ChunkedArray | pa.Array:
+    """The rows where any of the named masks is true."""
+    out = None
+    for m in masks.values():
+        out = m if out is None else pc.or_(out, m)
+    return out
+
+
+def _naming_fields(masks: dict[str, Any], what: str) -> Any:
+    """A detail callable for _first_reason: per rejected row, the fields whose mask holds
+    ("query holds invalid text encoding ..."), so the quarantine says where the problem is."""
+
+    def detail(rows: np.ndarray) -> list[str]:
+        hit = {c: np.asarray(pc.fill_null(m, False).to_numpy(zero_copy_only=False), dtype=bool)[rows] for c, m in masks.items()}
+        return [", ".join(c for c in masks if hit[c][i]) + f" {what}" for i in range(int(rows.sum()))]
+
+    return detail
+
+
 def _is_blank(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
 
@@ -267,24 +286,14 @@ def validate_event_batch(
     event_type = pc.utf8_lower(pc.utf8_trim_whitespace(_col(batch, "event_type")))
     known = known_items if isinstance(known_items, pa.Array) or known_items is None else pa.array(sorted(known_items), pa.string())
 
-    def enc_mask() -> pa.ChunkedArray:
-        m = pa.chunked_array([pa.array(np.zeros(n, dtype=bool))])
-        for c in EVENT_TEXT_COLUMNS:
-            pattern = _BAD_TEXT_CHARS if c == "query" else _BAD_ID_CHARS
-            m = pc.or_(m, _bad_chars(_col(batch, c), pattern))
-        return m
-
-    def missing_mask() -> pa.ChunkedArray:
-        m = _is_blank(_col(batch, EVENT_ID_COLUMNS[0]))
-        for c in EVENT_ID_COLUMNS[1:]:
-            m = pc.or_(m, _is_blank(_col(batch, c)))
-        return m
+    bad_text = {c: _bad_chars(_col(batch, c), _BAD_TEXT_CHARS if c == "query" else _BAD_ID_CHARS) for c in EVENT_TEXT_COLUMNS}
+    missing = {c: _is_blank(_col(batch, c)) for c in EVENT_ID_COLUMNS}
 
     checks: list[tuple[str, Any, Any]] = [
         ("truncated_line", _flag(batch, "_truncated"), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("wrong_type", pc.is_valid(type_err), lambda m: type_err.filter(pa.array(m)).to_pylist()),
-        ("bad_encoding", enc_mask(), "invalid text encoding (control or U+FFFD characters)"),
-        ("missing_id", missing_mask(), "user_id, session_id or item_id is missing"),
+        ("bad_encoding", _any_of(bad_text), _naming_fields(bad_text, "holds invalid text encoding (control or U+FFFD characters)")),
+        ("missing_id", _any_of(missing), _naming_fields(missing, "missing or blank")),
         (
             "unknown_event_type",
             pc.invert(pc.is_in(event_type, value_set=pa.array(EVENT_TYPES))),
@@ -352,18 +361,14 @@ def validate_catalog_batch(batch: pa.Table, source: str = "") -> tuple[pa.Table,
                     out[i] = True
         return out
 
-    def enc_mask() -> pa.ChunkedArray:
-        m = _bad_chars(_col(batch, "item_id"), _BAD_ID_CHARS)
-        for c in CATALOG_TEXT_COLUMNS[1:]:
-            m = pc.or_(m, _bad_chars(_col(batch, c), _BAD_TEXT_CHARS))
-        return m
+    bad_text = {c: _bad_chars(_col(batch, c), _BAD_ID_CHARS if c == "item_id" else _BAD_TEXT_CHARS) for c in CATALOG_TEXT_COLUMNS}
 
     checks: list[tuple[str, Any, Any]] = [
         ("truncated_line", _flag(batch, "_truncated"), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("wrong_type", pc.is_valid(type_err), lambda m: type_err.filter(pa.array(m)).to_pylist()),
         ("wrong_type", pc.invert(price_ok), lambda m: [f"price={v!r} is not a number" for v in price_str.filter(pa.array(m)).to_pylist()]),
         ("wrong_type", pa.array(attrs_bad()), "attributes is not a JSON object"),
-        ("bad_encoding", enc_mask(), "invalid text encoding (control or U+FFFD characters)"),
+        ("bad_encoding", _any_of(bad_text), _naming_fields(bad_text, "holds invalid text encoding (control or U+FFFD characters)")),
         ("missing_id", pc.or_(_is_blank(_col(batch, "item_id")), _is_blank(_col(batch, "title"))), "item_id or title is missing"),
     ]
     reasons, details = _first_reason(n, checks)
