@@ -87,14 +87,15 @@ def bench_dataset(name: str, export: Path, backends: list[str], args: argparse.N
     from recsys.encoder import TextEncoder, onnx_cache_dir, onnx_key
     from recsys.evaluate import _query_texts, _read_dir, build_queries
     from recsys.index import build_index
+    from recsys.items import read_items
     from recsys.metrics import per_query_metrics
 
     _check_export(export)
     cfg = load_config(export / "config.yaml")
     kind = cfg.train.task if cfg.train.task != "both" else "search"
-    items = _read_dir(paths.items(cfg), cfg)
+    items = read_items(paths.items(cfg), cfg.storage)
     ex = _read_dir(paths.examples(cfg, kind, cfg.eval.split), cfg)
-    if items is None or ex is None or ex.num_rows == 0:
+    if ex is None or ex.num_rows == 0:
         raise FileNotFoundError(f"{name}: no items at {paths.items(cfg)} or no {kind}/{cfg.eval.split} examples: run the prepare job")
     queries = build_queries(ex, kind)
     if args.max_queries:

@@ -52,9 +52,11 @@ def plain_loop(cfg, global_batch: int, steps: int, warmup: int) -> tuple[list[fl
     import pyarrow.dataset as pads
 
     from recsys import paths
+    from recsys.features import collate
+    from recsys.items import ItemTable
     from recsys.losses import SampledSoftmaxLoss
     from recsys.model import build_two_tower, load_tokenizer
-    from recsys.train import ItemTable, TrainStep, collate
+    from recsys.train import TrainStep
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

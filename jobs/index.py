@@ -15,7 +15,7 @@ from jobs._cli import parse
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(argv, __doc__)
-    from recsys.evaluate import build_catalog_index
+    from recsys.catalog_index import build_catalog_index
 
     out = build_catalog_index(cfg)
     print(json.dumps(out, indent=2))

@@ -46,7 +46,7 @@ def run_stages(cfg: Config, stages: Sequence[str]) -> dict[str, Any]:
             result = {k: v for k, v in out.items() if k not in ("markdown", "summary", "significance")}
             print(out["summary"])
         elif stage == "index":
-            from recsys.evaluate import build_catalog_index
+            from recsys.catalog_index import build_catalog_index
 
             result = build_catalog_index(cfg)
         elif stage == "recommend":

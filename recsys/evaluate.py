@@ -12,8 +12,6 @@ import dataclasses
 import io
 import json
 import logging
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +22,13 @@ import pyarrow.parquet as pq
 
 from recsys import hybrid, paths, significance, storage
 from recsys.bm25 import BM25Index
+from recsys.catalog_index import embed_catalog, local_export, open_text_encoder
 from recsys.config import Config, to_dict
-from recsys.encoder import RECSYS_META, TextEncoder, model_id_at, render_user_text
+from recsys.encoder import TextEncoder, render_user_text
 from recsys.index import build_index
+from recsys.items import read_items
 from recsys.metrics import average, per_query_metrics
+from recsys.runtime import Progress
 from recsys.sequence import SequenceCatalog, SequenceModel, open_sequence_tower
 
 log = logging.getLogger(__name__)
@@ -75,82 +76,6 @@ def build_queries(ex: pa.Table, kind: str) -> list[dict[str, Any]]:
         if n > 1:
             q["key"] += f"#{n}"
     return out
-
-
-def _encoder(path: str, cfg: Config) -> TextEncoder:
-    return TextEncoder.from_model_config(path, cfg.model)
-
-
-EMBEDDINGS_MODEL_KEY = b"recsys.model_id"  # parquet schema metadata: the model that made the embeddings
-
-
-def embeddings_model_id(uri: str, cfg: Config) -> str:
-    """The model that made the catalog embeddings under `uri` ("" if they record none)."""
-    files = storage.list_files(uri, cfg.storage, ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no catalog embeddings under {uri}")
-    fs, _ = storage.filesystem(uri, cfg.storage)
-    meta = pq.read_schema(storage.filesystem(files[0], cfg.storage)[1], filesystem=fs).metadata or {}
-    return meta.get(EMBEDDINGS_MODEL_KEY, b"").decode()
-
-
-def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -> tuple[np.ndarray, str]:
-    """Catalog embeddings by Ray Data batch inference (actor pool; GPU through config), in the
-    items' order, and the identity of the model that made them. The parquet written to
-    `out_uri` (replacing what was there) records that identity in its schema metadata."""
-    import ray.data
-
-    from recsys.runtime import ensure_ray
-
-    ensure_ray(cfg=cfg)
-
-    class Embed:
-        def __init__(self) -> None:
-            self.encoder = _encoder(model_path, cfg)
-
-        def __call__(self, batch: pa.Table) -> pa.Table:
-            emb = self.encoder.encode_items(batch.column("text").to_pylist(), batch_size=cfg.eval.embed_batch_size)
-            # Each row says which model made it: the actors load the model on their own.
-            return pa.table({
-                "item_id": batch.column("item_id"),
-                "embedding": pa.array(list(emb), pa.list_(pa.float32())),
-                "model_id": pa.array([self.encoder.model_id] * batch.num_rows, pa.string()),
-            })
-
-    # Several blocks, not one: a single block is a single task (extra actors would idle) and
-    # its progress jumps from 0 to done.
-    n = items.num_rows
-    per_block = max(256, min(4096, -(-n // (8 * max(1, cfg.eval.embed_actors)))))
-    blocks = [items.select(["item_id", "text"]).slice(s, per_block) for s in range(0, n, per_block)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        Embed,
-        batch_format="pyarrow",
-        batch_size=max(cfg.eval.embed_batch_size, 256),
-        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.eval.embed_actors)),
-        # Fractional CPUs: whole-CPU actors starve the read tasks on small machines.
-        num_cpus=0.5 if not cfg.train.use_gpu else 1,
-        num_gpus=1 if cfg.train.use_gpu else 0,
-    )
-    progress = _Progress(n, "embed catalog (Ray Data)", "items")
-    parts = []
-    for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        parts.append(part)
-        progress.update(part.num_rows)
-    progress.close()
-    table = pa.concat_tables(parts)
-    if table.num_rows != n:
-        raise RuntimeError(f"catalog embedding returned {table.num_rows} rows for {n} items")
-    ids = set(table.column("model_id").to_pylist())
-    if len(ids) != 1:  # the export was replaced while the actors were loading it
-        raise RuntimeError(f"catalog embeddings from {model_path} came from {len(ids)} different models {sorted(ids)}: run again")
-    model_id = ids.pop()
-    table = table.drop_columns(["model_id"])
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), EMBEDDINGS_MODEL_KEY: model_id.encode()})
-    storage.clear_dir(out_uri, cfg.storage)
-    storage.write_parquet(table, storage.join(out_uri, "part-00000.parquet"), cfg.storage)
-    order = {i: n for n, i in enumerate(table.column("item_id").to_pylist())}
-    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    return emb[[order[i] for i in items.column("item_id").to_pylist()]].astype(np.float32), model_id
 
 
 def _rank_popularity(items: pa.Table, queries: list[dict[str, Any]], k: int, exclude: list[set[str]] | None) -> list[list[str]]:
@@ -244,7 +169,7 @@ def hybrid_candidates(
 ) -> list[hybrid.Candidates]:
     pos = {i: k for k, i in enumerate(item_ids)}
     ex_rows = [[pos[i] for i in ex if i in pos] for ex in exclude] if exclude else None
-    bar = _Progress(len(queries), "hybrid candidates", "queries")
+    bar = Progress(len(queries), "hybrid candidates", "queries")
     out = []
     for sl in _chunks(len(queries), 256):
         out += hybrid.query_candidates(q_emb[sl], bm25_texts[sl], item_emb, bm25.scores, n, ex_rows[sl] if ex_rows else None)
@@ -409,36 +334,6 @@ def per_query_table(per_query: dict[str, dict[str, dict[str, np.ndarray]]], keys
     return pa.concat_tables(parts)
 
 
-class _Progress:
-    """One progress display per long step: a tqdm bar on a terminal; elsewhere (job logs, files)
-    a log line with the estimate of time left every `every_s` seconds and one at the end."""
-
-    def __init__(self, total: int, desc: str, unit: str, every_s: float = 30.0) -> None:
-        from tqdm import tqdm
-
-        self._tqdm = tqdm
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.n = 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if sys.stderr.isatty() else None
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.n >= self.total:
-            self.last = now
-            log.info("%s", self._tqdm.format_meter(
-                self.n, self.total, now - self.t0, prefix=self.desc, unit=self.unit,
-                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed} elapsed, {remaining} left, {rate_fmt}]"))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -447,7 +342,7 @@ def _encode(encode: Any, texts: list[str], batch_size: int, dim: int, desc: str,
     """`encode(texts, batch_size=...)` chunk by chunk with progress; the chunks are whole
     batches, so the embeddings equal one call's."""
     parts = []
-    bar = _Progress(len(texts), desc, unit)
+    bar = Progress(len(texts), desc, unit)
     for sl in _chunks(len(texts), batch_size * 32):
         parts.append(encode(texts[sl], batch_size=batch_size))
         bar.update(sl.stop - sl.start)
@@ -455,47 +350,8 @@ def _encode(encode: Any, texts: list[str], batch_size: int, dim: int, desc: str,
     return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
 
 
-def _local_export(cfg: Config) -> str:
-    export = paths.export_dir(cfg)
-    if not storage.is_remote(export):
-        return export
-    return str(storage.download_dir(export, tempfile.mkdtemp(prefix="recsys-export-"), cfg.storage))
-
-
 def _items(cfg: Config) -> pa.Table:
-    items = _read_dir(paths.items(cfg), cfg)
-    if items is None:
-        raise FileNotFoundError(f"no items table at {paths.items(cfg)}: run the prepare job first")
-    return items
-
-
-def build_catalog_index(cfg: Config) -> dict[str, Any]:
-    """The serving artefacts: catalog embeddings by the exported model, and the index over them,
-    both recording that model's identity (serving refuses an index of another model). The only
-    writer of the serving index: evaluation does not write one."""
-    t0 = time.perf_counter()
-    items = _items(cfg)
-    export = paths.export_dir(cfg)
-    if not storage.exists(storage.join(export, RECSYS_META), cfg.storage):
-        raise FileNotFoundError(f"no exported model at {export}: run the train job first (or set eval.checkpoint)")
-    local = _local_export(cfg)
-    emb, model_id = embed_catalog(cfg, local, items, paths.embeddings(cfg))
-    now = model_id_at(export, cfg.storage)
-    if model_id != now:  # the export was replaced while the catalog was being embedded
-        raise RuntimeError(f"the catalog was embedded by model {model_id}, but the export at {export} is now {now}: run again")
-    e = cfg.eval
-    index = build_index(emb, items.column("item_id").to_pylist(), e.index, e.exact_max_items, model_id=model_id,
-                        nlist=e.ivf_nlist, nprobe=e.ivf_nprobe, filter_exact_max_kept=e.filter_exact_max_kept)
-    # Hybrid search's half: BM25 over the same items, and the fusion chosen on validation,
-    # published with the dense index so replicas load one consistent folder.
-    bm25 = _bm25_scorer(items)
-    fusion, how = choose_hybrid_fusion(cfg, items, _encoder(local, cfg), emb, bm25)
-    index.save(paths.index_dir(cfg), cfg.storage, extra=lambda d: hybrid.save_lexical(d, bm25, fusion, how))
-    out = {"index": paths.index_dir(cfg), "kind": index.kind, "items": items.num_rows, "dim": int(emb.shape[1]),
-           "embeddings": paths.embeddings(cfg), "model": export, "model_id": model_id, "fusion": fusion.describe(),
-           "wall_s": round(time.perf_counter() - t0, 1)}
-    log.info("index over %d items (%s) by model %s written to %s", items.num_rows, index.kind, model_id, out["index"])
-    return out
+    return read_items(paths.items(cfg), cfg.storage)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -512,7 +368,7 @@ def run(cfg: Config) -> dict[str, Any]:
         encoders["zero_shot"] = cfg.model.name_or_path
     if "fine_tuned" in e.systems:
         if have_export:
-            encoders["fine_tuned"] = _local_export(cfg)
+            encoders["fine_tuned"] = local_export(cfg)
         else:
             log.warning("fine_tuned skipped: no exported model at %s (run the train job first)", export)
 
@@ -534,7 +390,7 @@ def run(cfg: Config) -> dict[str, Any]:
             log.info("embedding %d catalog items with %s by Ray Data batch inference", items.num_rows, name)
             item_emb[name] = embed_catalog(cfg, path, items, paths.embeddings(cfg))[0]
         else:
-            enc = _encoder(path, cfg)
+            enc = open_text_encoder(path, cfg)
             item_emb[name] = _encode(enc.encode_items, items.column("text").to_pylist(), e.embed_batch_size, enc.dim,
                                      f"embed catalog ({name})", "items")
         timings[f"embed_catalog/{name}_s"] = round(time.perf_counter() - t, 2)
@@ -564,14 +420,14 @@ def run(cfg: Config) -> dict[str, Any]:
             rankings["bm25"] = _rank_bm25(items, bm25_index, _query_texts(queries, text_of, cfg.model.user_history_items), kmax, exclude)
         for name, path in encoders.items():
             t = time.perf_counter()
-            enc = opened[name] = opened.get(name) or _encoder(path, cfg)
+            enc = opened[name] = opened.get(name) or open_text_encoder(path, cfg)
             index = build_index(item_emb[name], items.column("item_id").to_pylist(), e.index, e.exact_max_items,
                                 nlist=e.ivf_nlist, nprobe=e.ivf_nprobe, filter_exact_max_kept=e.filter_exact_max_kept)
             seq = sequence_towers.get(name) if kind == "next_item" else None
             # Over the pretrained item tower, a sequence export's text user tower is zero_shot's.
             text_user = seq is None or enc.meta.get("sequence_item_tower") == "fine_tuned"
             texts = _query_texts(queries, text_of, enc.user_history_items) if text_user else []
-            bar = _Progress(len(texts), f"rank {kind} ({name})", "queries")
+            bar = Progress(len(texts), f"rank {kind} ({name})", "queries")
             q_parts: list[np.ndarray] = []
             ranked: list[list[str]] = []
             for sl in _chunks(len(texts), e.embed_batch_size * 16):  # whole batches: same embeddings

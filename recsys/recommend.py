@@ -248,6 +248,7 @@ class Ranker:
     def __init__(self, spec: dict[str, Any]) -> None:
         from recsys.encoder import open_encoder
         from recsys.index import load_index
+        from recsys.items import read_items
         from recsys.retrieval import FilterFields, align_embeddings, filter_mask
         from recsys.sequence import SequenceCatalog, open_sequence_tower
 
@@ -260,8 +261,7 @@ class Ranker:
         if spec.get("model_id") and self.model_id != spec["model_id"]:
             raise RuntimeError(f"the model at {spec['model_uri']} is now {self.model_id}, the job started with {spec['model_id']}: it was re-exported meanwhile; run again")
         index = load_index(spec["index_uri"], scfg, model_id=self.model_id)
-        fs, path = storage.filesystem(spec["items_uri"], scfg)
-        items = pq.read_table(path, filesystem=fs)
+        items = read_items(spec["items_uri"], scfg)
         self.ids: list[str] = items.column("item_id").to_pylist()
         self.texts: list[str] = items.column("text").to_pylist()
         self.pos = {i: n for n, i in enumerate(self.ids)}
@@ -373,7 +373,7 @@ def ensure_index(cfg: Config, model_uri: str, model_id: str) -> str:
         raise FileNotFoundError(f"the run's index at {index} is {why}: build it (python -m jobs.index), or set recommend.build_index=auto")
     if model_uri != paths.export_dir(cfg):
         raise FileNotFoundError(f"no index for serve.model_uri={model_uri} (the run's index at {index} is {why}): build one for that model and set serve.index_uri")
-    from recsys.evaluate import build_catalog_index
+    from recsys.catalog_index import build_catalog_index
 
     log.info("the run's index at %s is %s: building it with model %s first (jobs.index)", index, why, model_id)
     built = build_catalog_index(cfg)

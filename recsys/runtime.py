@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,3 +118,33 @@ def print_progress(logger: logging.Logger) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class Progress:
+    """One progress display per long step: a tqdm bar on a terminal; elsewhere (job logs, files)
+    a log line with the estimate of time left every `every_s` seconds and one at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, every_s: float = 30.0) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.n >= self.total:
+            self.last = now
+            log.info("%s", self._tqdm.format_meter(
+                self.n, self.total, now - self.t0, prefix=self.desc, unit=self.unit,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%) [{elapsed} elapsed, {remaining} left, {rate_fmt}]"))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,7 +1,7 @@
 """The sequence user tower: a small transformer over the history's item vectors.
 
-An item vector is the item tower's (frozen) text embedding through an adaptor (a whitening
-mixture of linear experts, as UniSRec does), plus an optional learnt ID embedding that items
+An item vector is the item tower's (frozen) text embedding, as it is or through an adaptor (linear,
+or a whitening mixture of linear experts as UniSRec does), plus an optional learnt ID embedding that items
 unseen in training lack, so a cold-start item still ranks by its text. The user vector is the
 transformer's output at the newest history position. Both sides are L2-normalised and compared
 by dot product, so the catalog side is a plain matrix: `item_vectors(text_emb)` once, then any
@@ -63,14 +63,16 @@ class SequenceTower(nn.Module):
         self.settings = s
         self.text_dim = int(text_dim)
         self.n_ids = int(n_ids)
-        dim = int(s["dim"])
+        dim = int(s["dim"]) or self.text_dim  # 0: the item embedding's width
+        if dim % int(s["heads"]):
+            raise ValueError(f"sequence.heads={s['heads']} must divide the tower's width {dim} (sequence.dim, 0 = the item embedding's)")
         if s["adaptor"] == "moe":
             self.adaptor: nn.Module = MoEAdaptor(text_dim, dim, int(s["experts"]), float(s["adaptor_dropout"]))
         elif s["adaptor"] == "linear":
             self.adaptor = nn.Sequential(nn.Dropout(float(s["adaptor_dropout"])), nn.Linear(text_dim, dim))
         else:  # "none": the text embedding itself (dim must equal the text dim)
             if dim != text_dim:
-                raise ValueError(f"sequence.adaptor=none needs sequence.dim == the item embedding's dim ({text_dim}), got {dim}")
+                raise ValueError(f"sequence.adaptor=none needs sequence.dim 0 or the item embedding's width ({text_dim}), got {dim}")
             self.adaptor = nn.Identity()
         self.ids = nn.Embedding(self.n_ids + 1, dim, padding_idx=0) if s["item_ids"] and self.n_ids else None
         if self.ids is not None:
@@ -235,6 +237,8 @@ def attach_sequence_tower(export_dir: str | Path, tower: SequenceTower, id_of: M
     meta = json.loads(meta_file.read_text())
     meta.update(meta_extra, user_tower="sequence")
     meta["sequence_items_sha256"] = hashlib.sha256((root / SEQUENCE_DIR / "items.json").read_bytes()).hexdigest()[:16]
+    # Settings that change what the tower computes but not its weights' shapes (attention, say).
+    meta["sequence_config_sha256"] = hashlib.sha256((root / SEQUENCE_DIR / "config.json").read_bytes()).hexdigest()[:16]
     meta.pop("model_id", None)
     meta["model_id"] = model_identity(root, meta)
     meta_file.write_text(json.dumps(meta, indent=2))

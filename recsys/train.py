@@ -3,8 +3,8 @@
     run(cfg) -> summary dict (final loss, steps, examples/s, export path)
 
 Data comes from `ray.train.get_dataset_shard("train")` (Ray Data streams the example shards);
-each worker joins item text / duplicate group / popularity from the small items table,
-tokenises, and steps a DeepSpeed engine (client torch AdamW, ZeRO stage from the config, gloo on
+each worker turns them into tensors (recsys.features: the item table's text / duplicate group /
+popularity, tokens, hard negatives) and steps a DeepSpeed engine (client torch AdamW, ZeRO stage from the config, gloo on
 CPU, nccl on GPU). Every rank reports; every rank saves its DeepSpeed shard into the checkpoint
 Ray merges; a re-run or a restarted worker resumes from `ray.train.get_checkpoint()`. At the end
 the ZeRO-3 shards are gathered and one consolidated model is exported (HF + sentence-transformers).
@@ -16,22 +16,22 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
-import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
-from recsys.encoder import render_user_text
-from recsys.losses import Memory, SampledSoftmaxLoss, item_key
+from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
+from recsys.items import ItemTable
+from recsys.losses import Memory, SampledSoftmaxLoss
 from recsys.runtime import ensure_ray, print_progress
 from recsys.validation import headline
 
@@ -39,212 +39,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "recsys_state.json"
 DS_TAG = "ds"
-
-
-class ItemTable:
-    """Per-item lookups the collate needs: text, key, duplicate group, log sampling probability."""
-
-    def __init__(self, table: Any, hard_negative_pool: int = 10, seed: int = 0) -> None:
-        ids = table.column("item_id").to_pylist()
-        texts = table.column("text").to_pylist()
-        dups = table.column("dup_group").to_numpy()
-        pop = table.column("popularity").to_numpy().astype(np.float64) + 1.0
-        logq = np.log(pop / pop.sum())
-        self.index = {i: n for n, i in enumerate(ids)}
-        self.texts = texts
-        self.keys = np.array([item_key(i) for i in ids], dtype=np.int64)
-        self.dups = dups.astype(np.int64)
-        self.logq = logq.astype(np.float32)
-        self.hard_negative_pool = hard_negative_pool
-        self._rng = np.random.default_rng(seed)
-        self._bm25: Any = None
-        self._neighbours: dict[int, np.ndarray] = {}  # item row -> its BM25 neighbours, best first
-
-    @staticmethod
-    def load(cfg: Config) -> ItemTable:
-        uri = paths.items(cfg)
-        fs, path = storage.filesystem(uri, cfg.storage)
-        return ItemTable(pq.read_table(path, filesystem=fs), cfg.train.hard_negative_pool, cfg.train.seed)
-
-    def _bm25_neighbours(self, rows: np.ndarray) -> None:
-        from recsys.bm25 import BM25Index
-
-        if self._bm25 is None:
-            self._bm25 = BM25Index.build(self.texts)
-        todo = sorted({int(r) for r in rows} - self._neighbours.keys())
-        if not todo:
-            return
-        # Room for the item itself, its duplicates and history hits on top of the pool.
-        k = min(len(self.texts), self.hard_negative_pool + 16)
-        docs = self._bm25.retrieve([self.texts[r] for r in todo], k)
-        for r, found in zip(todo, docs, strict=True):
-            self._neighbours[r] = np.asarray(found, dtype=np.int64)
-
-    def hard_negative_rows(
-        self, pos: np.ndarray, history: list[np.ndarray], n: int, rng: np.random.Generator | None = None
-    ) -> np.ndarray:
-        """(batch, n) item rows: BM25 neighbours of each positive's text, never an accidental hit.
-
-        The positive, its duplicate group and the row's history are excluded (they are what the
-        in-batch mask hides too); n are drawn from the best `hard_negative_pool` that remain, so
-        the same near-duplicate is not always the negative. Too few neighbours: random items."""
-        rng = rng or self._rng
-        self._bm25_neighbours(pos)
-        out = np.empty((len(pos), n), dtype=np.int64)
-        for i, (p, hist) in enumerate(zip(pos, history, strict=True)):
-            banned = set(hist.tolist()) | {int(p)}
-            ok = [c for c in self._neighbours[int(p)].tolist()
-                  if c not in banned and self.dups[c] != self.dups[p]][: self.hard_negative_pool]
-            if len(ok) < n:
-                rest = np.flatnonzero(self.dups != self.dups[p])
-                rest = rest[~np.isin(rest, list(banned | set(ok)))]
-                if len(ok) + len(rest) < n:
-                    raise ValueError(
-                        f"train.hard_negatives={n}: item {p} of the catalog has only {len(ok) + len(rest)} "
-                        "items that are neither it, its duplicates nor in the example's history"
-                    )
-                ok += rng.choice(rest, size=n - len(ok), replace=False).tolist()
-            out[i] = rng.choice(ok, size=n, replace=False) if len(ok) > n else ok[:n]
-        return out
-
-    def rows(self, item_ids: list[str], where: str) -> np.ndarray:
-        missing = [i for i in item_ids if i not in self.index]
-        if missing:
-            raise KeyError(f"{where}: item ids {missing[:5]} are not in the items table")
-        return np.array([self.index[i] for i in item_ids], dtype=np.int64)
-
-
-def _group_key(batch: dict[str, Any], i: int) -> int:
-    """The row's user (next-item) or normalised query (search). A row with neither gets a key of
-    its own item, which masks nothing beyond what the same-item mask already does."""
-    def col(name: str) -> Any:
-        return batch[name][i] if name in batch else None
-
-    kind, user, query = col("kind"), col("user_id"), col("query")
-    if kind == "search" and query:
-        return item_key("q:" + " ".join(str(query).lower().split()))
-    if kind == "next_item" and user:
-        return item_key(f"u:{user}")
-    return item_key(f"i:{col('item_id')}")
-
-
-def features(batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, Any]:
-    """Examples -> unpadded token ids and loss inputs (runs in the train worker or in Ray Data).
-
-    Token ids stay ragged (one list per row): padding to the batch's longest row happens in
-    `to_tensors`, after Ray Data may have re-batched rows from different blocks."""
-    m = cfg.model
-    pos = items.rows(list(batch["item_id"]), "training example")
-    # Rows of one user (next-item) or one query (search) share a group: their positives are
-    # accidental hits for each other, never negatives.
-    groups = np.array([_group_key(batch, i) for i in range(len(pos))], dtype=np.int64)
-    queries, hist_keys, hist_rows = [], [], []
-    for query, history in zip(batch["query"], batch["history"], strict=True):
-        hist = [h for h in (list(history) if history is not None else []) if h in items.index]
-        rows = [items.index[h] for h in hist]
-        queries.append(m.query_prefix + render_user_text(query, [items.texts[r] for r in rows], m.user_history_items))
-        hist_keys.append(items.keys[rows] if rows else np.zeros(0, dtype=np.int64))
-        hist_rows.append(np.asarray(rows, dtype=np.int64))
-    q = tokenizer(queries, truncation=True, max_length=m.max_query_tokens)["input_ids"]
-
-    def item_tokens(rows: Any) -> list[list[int]]:  # positives and hard negatives read alike
-        return tokenizer([m.item_prefix + items.texts[r] for r in rows], truncation=True, max_length=m.max_item_tokens)["input_ids"]
-
-    d = item_tokens(pos)
-    extra: dict[str, Any] = {}
-    n_hard = cfg.train.hard_negatives
-    if n_hard > 0:
-        # Drawn from the batch's own content, so a resumed run mines what the uninterrupted one did.
-        rng = np.random.default_rng([cfg.train.seed, int(items.keys[pos].sum() & 0x7FFFFFFF)])
-        # The batch's other positives of a row's user / query are accidental hits too.
-        same = [np.concatenate([hist_rows[i], pos[(groups == groups[i]) & (np.arange(len(pos)) != i)]])
-                for i in range(len(pos))]
-        hard = items.hard_negative_rows(pos, same, n_hard, rng)  # (batch, n)
-        h = item_tokens(hard.reshape(-1))
-        extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
-        extra["h_logq"] = items.logq[hard]  # (batch, n)
-    return extra | {
-        "q_ids": q,
-        "d_ids": d,
-        "weights": np.asarray(batch["weight"], dtype=np.float32),
-        "item_keys": items.keys[pos],
-        "dup_keys": items.dups[pos],
-        "history_keys": hist_keys,
-        "group_keys": groups,
-        "logq": items.logq[pos],
-    }
-
-
-def _pad(rows: Any, fill: int) -> torch.Tensor:
-    width = max(1, max((len(r) for r in rows), default=0))
-    out = np.full((len(rows), width), fill, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return torch.as_tensor(out)
-
-
-def _pad_tokens(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged token ids -> (ids, attention mask), both (len(rows), longest)."""
-    return _pad(rows, pad_id), _pad([np.ones(len(r), dtype=np.int64) for r in rows], 0)
-
-
-def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
-    """Features (ragged token ids) -> padded tensors and masks for the towers and the loss."""
-    q_ids, q_mask = _pad_tokens(f["q_ids"], pad_id)
-    d_ids, d_mask = _pad_tokens(f["d_ids"], pad_id)
-    out = {
-        "q_ids": q_ids,
-        "q_mask": q_mask,
-        "d_ids": d_ids,
-        "d_mask": d_mask,
-        "weights": torch.tensor(np.asarray(f["weights"], dtype=np.float32)),
-        "item_keys": torch.tensor(np.asarray(f["item_keys"], dtype=np.int64)),
-        "dup_keys": torch.tensor(np.asarray(f["dup_keys"], dtype=np.int64)),
-        "history_keys": _pad(f["history_keys"], -1),
-        "group_keys": torch.tensor(np.asarray(f["group_keys"], dtype=np.int64)),
-        "logq": torch.tensor(np.asarray(f["logq"], dtype=np.float32)),
-    }
-    if "h_ids" in f:
-        flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
-        out["h_ids"], out["h_mask"] = _pad_tokens(flat, pad_id)
-        out["h_logq"] = torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in f["h_logq"]]))  # (batch, n)
-    return out
-
-
-def collate(batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
-    """A numpy batch of examples -> tensors (tokenising in the train worker)."""
-    return to_tensors(features(batch, items, tokenizer, cfg), tokenizer.pad_token_id or 0)
-
-
-class Featurize:
-    """Ray Data actor for train.tokenize_in=pipeline: tokenise ahead of the train workers."""
-
-    def __init__(self, cfg_dict: dict[str, Any]) -> None:
-        from recsys.model import load_tokenizer
-
-        self.cfg = config_from_dict(cfg_dict)
-        self.items = ItemTable.load(self.cfg)
-        self.tokenizer = load_tokenizer(self.cfg.model)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        import pyarrow as pa
-
-        f = features(batch, self.items, self.tokenizer, self.cfg)
-        ints = pa.list_(pa.int32())
-        hard = {
-            "h_ids": pa.array(f["h_ids"], pa.list_(ints)),
-            "h_logq": pa.array(f["h_logq"].tolist(), pa.list_(pa.float32())),
-        } if "h_ids" in f else {}
-        return pa.table(hard | {
-            "q_ids": pa.array(f["q_ids"], ints),
-            "d_ids": pa.array(f["d_ids"], ints),
-            "weights": pa.array(f["weights"]),
-            "item_keys": pa.array(f["item_keys"]),
-            "dup_keys": pa.array(f["dup_keys"]),
-            "history_keys": pa.array([h.tolist() for h in f["history_keys"]], pa.list_(pa.int64())),
-            "group_keys": pa.array(f["group_keys"]),
-            "logq": pa.array(f["logq"]),
-        })
 
 
 class TrainStep(nn.Module):
@@ -377,24 +171,63 @@ def _export(engine: Any, step_module: TrainStep, tokenizer: Any, cfg: Config, ra
     return out_uri
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+@dataclass
+class _RunState:
+    """What survives a restart besides the DeepSpeed state: the best validation so far (its
+    export is the run's export), whether the run stopped early, and rank 0's metric rows."""
+
+    best: dict[str, Any] = field(default_factory=lambda: {"metric": float("-inf"), "step": 0, "since": 0})
+    stopped: bool = False  # early-stopped: a resumed run that had stopped stays stopped
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Meter:
+    """The figures a logged row reports about the micro-steps since the previous row."""
+
+    def __init__(self) -> None:
+        self.restart()
+        self.seen = hashlib.blake2b(digest_size=8)
+
+    def restart(self) -> None:
+        self.losses: list[float] = []
+        self.examples = 0
+        self.wait = 0.0
+        self.t_last = time.perf_counter()
+
+    def add(self, tensors: dict[str, torch.Tensor], wait_s: float) -> None:
+        self.seen.update(tensors["item_keys"].numpy().tobytes())
+        self.seen.update(tensors["weights"].numpy().tobytes())
+        self.wait += wait_s
+
+    def row(self, step: int, engine: Any, module: TrainStep, world: int, **extra: Any) -> dict[str, Any]:
+        """The row, with its collectives (every rank calls it at the same steps), then a restart."""
+        now = time.perf_counter()
+        row = {
+            "step": step,
+            # One collective per logged row, not per micro-step.
+            "loss": _global_mean(float(np.mean(self.losses)) if self.losses else float("nan"), world, engine.device),
+            "lr": float(engine.get_lr()[0]),
+            "examples_per_s": self.examples / max(now - self.t_last, 1e-9),
+            "data_wait_s": self.wait,
+            "temperature": float(module.loss.temperature.detach()),
+            **extra,
+            # Digest of every rank's examples since the last row: equal in a resumed and an
+            # uninterrupted run when the data order is what resume assumes.
+            "batch_hash": _all_ranks_digest(self.seen.digest(), engine.device),
+        }
+        self.seen = hashlib.blake2b(digest_size=8)
+        self.restart()
+        return row
+
+
+def _engine(cfg: Config) -> tuple[TrainStep, Any]:
+    """The towers and the loss in one module, wrapped by a DeepSpeed engine (torch AdamW, linear
+    warm-up and decay)."""
     import deepspeed
-    import ray.train
-    from ray.train import Checkpoint
 
-    from recsys.model import build_two_tower, load_tokenizer
+    from recsys.model import build_two_tower
 
-    cfg = config_from_dict(config["cfg"])
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if rank == 0:
-        print_progress(log)
-    torch.manual_seed(t.seed)
-    items = ItemTable.load(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    pre_tokenized = t.tokenize_in == "pipeline"
-    pad_id = tokenizer.pad_token_id or 0
     module = TrainStep(
         build_two_tower(cfg.model),
         SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history,
@@ -405,148 +238,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
     # Every engine start would otherwise JIT-build a shared-memory op used only for inference.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
-    )
-    device = engine.device
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+    return module, engine
 
-    metrics_rows: list[dict[str, Any]] = []
-    # Validation while training: the best evaluation so far (its export is the run's export).
-    best: dict[str, Any] = {"metric": float("-inf"), "step": 0, "since": 0}
-    stopped = False  # early-stopped: a resumed run that had stopped stays stopped
-    validator = None
-    if t.eval_every:
-        from recsys.validation import Validator
 
-        ids_by_row = sorted(items.index, key=items.index.__getitem__)
-        validator = Validator(cfg, ids_by_row, items.texts, rank, world, batch_size=max(t.batch_size, 64))
+def _resume(engine: Any, cfg: Config, rank: int) -> _RunState:
+    """Load `ray.train.get_checkpoint()` into the engine (every rank its shard) and the run state."""
+    import ray.train
+
+    state = _RunState()
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)
-            state = json.loads(Path(d, STATE_FILE).read_text()) if Path(d, STATE_FILE).exists() else {}
-            best = state.get("best", best)
-            stopped = bool(state.get("stopped"))
-        if rank == 0:
-            metrics_rows = [r for r in _read_metrics(cfg) if r["step"] <= engine.global_steps]
-            log.info("resumed from checkpoint at step %d", engine.global_steps)
+    if ckpt is None:
+        return state
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(d, tag=DS_TAG)
+        saved = json.loads(Path(d, STATE_FILE).read_text()) if Path(d, STATE_FILE).exists() else {}
+    state.best = saved.get("best", state.best)
+    state.stopped = bool(saved.get("stopped"))
+    if rank == 0:
+        state.rows = [r for r in _read_metrics(cfg) if r["step"] <= engine.global_steps]
+        log.info("resumed from checkpoint at step %d", engine.global_steps)
+    return state
 
-    shard = ray.train.get_dataset_shard("train")
-    step = start_step = engine.global_steps
-    # A resumed attempt walks past the micro-batches the checkpointed steps consumed (same order:
-    # same shuffle seeds per epoch), so it continues the data stream instead of training on its
-    # head a second time. Skipped batches are neither collated nor tokenised, only read.
-    to_skip = skipped = start_step * t.grad_accum
-    t_skip = time.perf_counter()
-    losses: list[float] = []
-    t_wait = 0.0
-    t_last = time.perf_counter()
-    examples_since = 0
-    seen = hashlib.blake2b(digest_size=8)
-    epoch = 0
-    summary: dict[str, Any] = {}
-    while step < t.max_steps and not stopped:
+
+def _stream(shard: Any, t: Any, rank: int, world: int, skip: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(epoch, micro-batch) for ever, epoch after epoch, after walking past `skip` micro-batches.
+
+    The shard's order is deterministic (a seeded global shuffle, order-preserving split: see
+    run_text), and so is the local buffer's for a given seed and epoch: a resumed attempt walks
+    past what the checkpointed steps consumed and continues the stream instead of training on its
+    head a second time. Skipped batches are only read, never collated."""
+    t0, skipped, epoch = time.perf_counter(), skip, 0
+    while True:
         got_batch = False
-        t_fetch = time.perf_counter()
-        # The shard's order is deterministic (a seeded global shuffle, order-preserving split:
-        # see run), and so is this buffer's for a given seed and epoch: what resume relies on.
         for batch in shard.iter_batches(
             batch_size=t.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=max(4 * t.batch_size, 256), local_shuffle_seed=t.seed + epoch,
         ):
             got_batch = True
-            if to_skip:
-                to_skip -= 1
-                t_fetch = time.perf_counter()
-                if not to_skip:
-                    t_last = t_fetch  # examples/s of this attempt's first interval excludes the skip
-                    if rank == 0:
-                        log.info("resume: skipped %d consumed micro-batches in %.1fs", skipped, t_fetch - t_skip)
+            if skip:
+                skip -= 1
+                if not skip and rank == 0:
+                    log.info("resume: skipped %d consumed micro-batches in %.1fs", skipped, time.perf_counter() - t0)
                 continue
-            tensors = to_tensors(batch, pad_id) if pre_tokenized else collate(batch, items, tokenizer, cfg)
-            seen.update(tensors["item_keys"].numpy().tobytes())
-            seen.update(tensors["weights"].numpy().tobytes())
-            b = {k: v.to(device) for k, v in tensors.items()}
-            t_wait += time.perf_counter() - t_fetch
-            module.use_memory = engine.global_steps >= t.memory_start_step
-            loss = engine(b)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach().float()))
-            examples_since += t.batch_size * world
-            if engine.micro_steps % t.grad_accum:  # mid-accumulation: no optimizer step yet
-                t_fetch = time.perf_counter()
-                continue
-            step = engine.global_steps
-            evaluate_now = validator is not None and (step % t.eval_every == 0 or step == t.max_steps)
-            stop_early = improved = False
-            if step % t.log_every == 0 or step == t.max_steps or step % t.checkpoint_every == 0 or evaluate_now:
-                now = time.perf_counter()
-                row = {
-                    "step": step,
-                    # One collective per logged row, not per micro-step.
-                    "loss": _global_mean(float(np.mean(losses)) if losses else float("nan"), world, device),
-                    "lr": float(engine.get_lr()[0]),
-                    "examples_per_s": examples_since / max(now - t_last, 1e-9),
-                    "data_wait_s": t_wait,
-                    "temperature": float(module.loss.temperature.detach()),
-                    "epoch": epoch,
-                    "start_step": start_step,  # > 0: this attempt resumed from a checkpoint
-                    "skipped_batches": skipped,  # micro-batches per worker walked past on resume
-                    # Digest of every rank's examples since the last row: equal in a resumed and
-                    # an uninterrupted run when the data order is what resume assumes.
-                    "batch_hash": _all_ranks_digest(seen.digest(), device),
-                }
-                seen = hashlib.blake2b(digest_size=8)
-                if evaluate_now:
-                    t_eval = time.perf_counter()
-                    scores = validator.score(module.towers, tokenizer, device)
-                    value = headline(cfg, scores)
-                    if world > 1:  # rank 0's number decides on every rank: the export and a stop are collective
-                        v = torch.tensor([value], dtype=torch.float64, device=device)
-                        torch.distributed.broadcast(v, 0)
-                        value = float(v.item())
-                    improved = value > best["metric"]
-                    best = {"metric": value, "step": step, "since": 0} if improved else {**best, "since": best["since"] + 1}
-                    if improved:  # the export is always the best evaluation's model
-                        _export(engine, module, tokenizer, cfg, rank, {"best_step": step, f"valid_{t.eval_metric}": value})
-                    stop_early = stopped = bool(t.early_stopping_patience) and best["since"] >= t.early_stopping_patience
-                    row.update(scores)
-                    row.update({"valid_metric": value, "best_step": best["step"], "best_metric": best["metric"], "stopped_early": stop_early,
-                                "eval_s": time.perf_counter() - t_eval})
-                    if rank == 0:
-                        log.info("step %d: valid %s %.4f (best %.4f at step %d)%s", step, t.eval_metric, value, best["metric"],
-                                 best["step"], "; stopping early" if stop_early else "")
-                    now = time.perf_counter()  # examples/s of the next interval excludes the evaluation
-                losses, examples_since, t_wait, t_last = [], 0, 0.0, now
-                if rank == 0:
-                    metrics_rows.append(row)
-                    _write_metrics(cfg, metrics_rows)
-                    log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s data-wait %.2fs", step, t.max_steps, row["loss"], row["lr"], row["examples_per_s"], row["data_wait_s"])
-                summary = row
-                # Also after a better evaluation: a resumed run then knows the export is that step's.
-                if step % t.checkpoint_every == 0 or step == t.max_steps or stop_early or improved:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        engine.save_checkpoint(tmp, tag=DS_TAG)
-                        # Every rank reads the state on resume (the best evaluation so far).
-                        Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "best": best, "stopped": stopped}))
-                        if rank == 0:
-                            Path(tmp, "config.yaml").write_text(to_yaml(cfg))
-                        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(row)
-                if t.crash_at_step and step == t.crash_at_step and ckpt is None and rank == 0:
-                    marker = storage.join(paths.run_dir(cfg), "crash_injected")
-                    if not storage.exists(marker, cfg.storage):  # once per run, whatever the restarts see
-                        storage.write_bytes(marker, b"1", cfg.storage)
-                        # Give the controller time to register the last checkpoint, then die hard,
-                        # as an OOM kill or a lost node would look to Ray Train.
-                        time.sleep(5)
-                        log.warning("train.crash_at_step=%d: exiting this worker to exercise recovery", step)
-                        os._exit(1)
-            if step >= t.max_steps or stop_early:
-                break
-            t_fetch = time.perf_counter()
+            yield epoch, batch
         if not got_batch:
             raise ValueError(
                 f"worker {rank} got no full batch of {t.batch_size} examples: too few training "
@@ -554,13 +289,126 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         epoch += 1
 
-    if validator is None and not stopped:
+
+def _validate(validator: Any, engine: Any, module: TrainStep, tokenizer: Any, cfg: Config, state: _RunState,
+              step: int, rank: int, world: int) -> tuple[dict[str, Any], bool]:
+    """Score the validation split; a better score exports the model (the run's export is always
+    the best evaluation's). Returns the row's additions and whether it improved."""
+    t = cfg.train
+    t_eval = time.perf_counter()
+    scores = validator.score(module.towers, tokenizer, engine.device)
+    value = headline(cfg, scores)
+    if world > 1:  # rank 0's number decides on every rank: the export and a stop are collective
+        v = torch.tensor([value], dtype=torch.float64, device=engine.device)
+        torch.distributed.broadcast(v, 0)
+        value = float(v.item())
+    best = state.best
+    improved = value > best["metric"]
+    state.best = {"metric": value, "step": step, "since": 0} if improved else {**best, "since": best["since"] + 1}
+    if improved:
+        _export(engine, module, tokenizer, cfg, rank, {"best_step": step, f"valid_{t.eval_metric}": value})
+    state.stopped = bool(t.early_stopping_patience) and state.best["since"] >= t.early_stopping_patience
+    if rank == 0:
+        log.info("step %d: valid %s %.4f (best %.4f at step %d)%s", step, t.eval_metric, value, state.best["metric"],
+                 state.best["step"], "; stopping early" if state.stopped else "")
+    return {**scores, "valid_metric": value, "best_step": state.best["step"], "best_metric": state.best["metric"],
+            "stopped_early": state.stopped, "eval_s": time.perf_counter() - t_eval}, improved
+
+
+def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, rank: int, checkpoint: bool) -> None:
+    """Every rank reports the row; with `checkpoint`, every rank saves its DeepSpeed shard and the
+    run state into the checkpoint Ray Train merges (rank 0 adds the resolved config)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank == 0:
+        state.rows.append(row)
+        _write_metrics(cfg, state.rows)
+        log.info("step %d/%d loss %.4f lr %.2e %.1f ex/s data-wait %.2fs", row["step"], cfg.train.max_steps, row["loss"], row["lr"],
+                 row["examples_per_s"], row["data_wait_s"])
+    if not checkpoint:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        # Every rank reads the state on resume (the best evaluation so far).
+        Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped}))
+        if rank == 0:
+            Path(tmp, "config.yaml").write_text(to_yaml(cfg))
+        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from recsys.model import load_tokenizer
+
+    cfg = config_from_dict(config["cfg"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        print_progress(log)
+    torch.manual_seed(t.seed)
+    items = ItemTable.load(cfg)
+    negatives = hard_negatives_for(items, cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id or 0
+    module, engine = _engine(cfg)
+    validator = None
+    if t.eval_every:
+        from recsys.validation import Validator
+
+        validator = Validator(cfg, items.ids, items.texts, rank, world, batch_size=max(t.batch_size, 64))
+    state = _resume(engine, cfg, rank)
+    step = start_step = engine.global_steps
+    skipped = start_step * t.grad_accum
+    stream = _stream(ray.train.get_dataset_shard("train"), t, rank, world, skipped)
+    meter = _Meter()
+    summary: dict[str, Any] = {}
+    while step < t.max_steps and not state.stopped:
+        t_fetch = time.perf_counter()
+        epoch, batch = next(stream)
+        if skipped and step == start_step and not meter.losses:
+            meter.restart()  # examples/s of this attempt's first interval excludes the skip
+        tensors = to_tensors(batch, pad_id) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives)
+        b = {k: v.to(engine.device) for k, v in tensors.items()}
+        meter.add(tensors, time.perf_counter() - t_fetch)
+
+        module.use_memory = engine.global_steps >= t.memory_start_step
+        loss = engine(b)
+        engine.backward(loss)
+        engine.step()
+        meter.losses.append(float(loss.detach().float()))
+        meter.examples += t.batch_size * world
+        if engine.micro_steps % t.grad_accum:  # mid-accumulation: no optimizer step yet
+            continue
+
+        step = engine.global_steps
+        evaluate_now = validator is not None and (step % t.eval_every == 0 or step == t.max_steps)
+        checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
+        if not (step % t.log_every == 0 or checkpoint_now or evaluate_now):
+            continue
+        # start_step > 0: this attempt resumed from a checkpoint; skipped_batches: micro-batches
+        # per worker walked past on resume.
+        row = meter.row(step, engine, module, world, epoch=epoch, start_step=start_step, skipped_batches=skipped)
+        improved = False
+        if evaluate_now:
+            scores, improved = _validate(validator, engine, module, tokenizer, cfg, state, step, rank, world)
+            row.update(scores)
+            meter.restart()  # examples/s of the next interval excludes the evaluation
+        # Also after a better evaluation: a resumed run then knows the export is that step's.
+        _report(engine, row, cfg, state, rank, checkpoint=checkpoint_now or state.stopped or improved)
+        summary = row
+    stream.close()
+
+    if validator is None and not state.stopped:
         export = _export(engine, module, tokenizer, cfg, rank)
     else:  # written at the best evaluation already (also when a stopped run is re-submitted)
         export = paths.export_dir(cfg)
-        summary = {**summary, "best_step": best["step"], "best_metric": best["metric"], "stopped_early": stopped}
+        summary = {**summary, "best_step": state.best["step"], "best_metric": state.best["metric"], "stopped_early": state.stopped}
     if rank == 0:
-        log.info("exported to %s%s", export, f" (the best validation, step {best['step']})" if validator is not None else "")
+        log.info("exported to %s%s", export, f" (the best validation, step {state.best['step']})" if validator is not None else "")
     ray.train.report({**summary, "export": export, "step": step})
 
 
@@ -677,12 +525,3 @@ def run_text(cfg: Config) -> dict[str, Any]:
         summary.update({k: final.get(k, metrics.get(k)) for k in ("best_step", "best_metric", "stopped_early")})
     log.info("training finished: %s", summary)
     return summary
-
-
-def loss_improved(rows: list[dict[str, Any]], k: int = 2) -> bool:
-    """Mean of the last k logged losses below the mean of the first k (for tests and checks)."""
-    if len(rows) < 2 * k:
-        return False
-    first = np.mean([r["loss"] for r in rows[:k]])
-    last = np.mean([r["loss"] for r in rows[-k:]])
-    return bool(last < first) and math.isfinite(last)

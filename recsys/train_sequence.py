@@ -30,6 +30,7 @@ from recsys.config import SequenceConfig
 from recsys.losses import full_softmax_loss, sampled_softmax_loss
 from recsys.metrics import average, per_query_metrics
 from recsys.sequence import SequenceCatalog, SequenceModel, SequenceTower
+from recsys.sequence_joint import check_joint
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,18 @@ class SequenceExamples:
     def histories(self) -> list[list[int]]:
         return [[int(x) for x in row if x != PAD] for row in self.hist]
 
-    def rank(self, model: SequenceModel, text_emb: np.ndarray, item_ids: Sequence[str], k: int, batch: int = 2048) -> list[list[str]]:
-        """Full-catalog top-k item ids per example (history items not excluded, as the papers)."""
+    def rank(self, model: SequenceModel, text_emb: np.ndarray, item_ids: Sequence[str], k: int, batch: int = 2048,
+             exclude_history: bool = False) -> list[list[str]]:
+        """Full-catalog top-k item ids per example; history items excluded only when asked (the
+        papers' protocol keeps them; eval.exclude_history)."""
         catalog = SequenceCatalog(model, text_emb, item_ids)  # the one history -> top-k, as served
         hists = self.histories()
         by_length = np.argsort([len(h) for h in hists], kind="stable")  # short rows batch together
         out: list[list[str]] = [[] for _ in hists]
         for s in range(0, len(hists), batch):
             idx = by_length[s : s + batch]
-            for i, (top, _) in zip(idx, catalog.rank([hists[i] for i in idx], k), strict=True):
+            rows = [hists[i] for i in idx]
+            for i, (top, _) in zip(idx, catalog.rank(rows, k, exclude=rows if exclude_history else None), strict=True):
                 out[i] = [item_ids[j] for j in top]
         return out
 
@@ -152,8 +156,9 @@ def step_loss(
                                 item_keys=target, dup_keys=dup[target], history_keys=masked, logq=logq, gather=True)
 
 
-def validate(model: SequenceModel, valid: SequenceExamples, text_emb: np.ndarray, item_ids: Sequence[str]) -> dict[str, float]:
-    ranked = valid.rank(model, text_emb, item_ids, 10)
+def validate(model: SequenceModel, valid: SequenceExamples, text_emb: np.ndarray, item_ids: Sequence[str],
+             exclude_history: bool = False) -> dict[str, float]:
+    ranked = valid.rank(model, text_emb, item_ids, 10, exclude_history=exclude_history)
     return average(per_query_metrics(ranked, valid.relevant(item_ids), [10]), "valid")
 
 
@@ -176,7 +181,10 @@ def fingerprint(scfg: SequenceConfig, item_id_embeddings: bool, id_of: dict[str,
     import hashlib
     import json
 
-    settings = scfg.model_dump(exclude={"max_epochs", "patience", "num_workers", "cpus_per_worker"})
+    # The budgets are left out (a finished run given more epochs goes on), and so is the joint
+    # stage, which the frozen tower does not depend on: a frozen run given joint steps goes on.
+    joint = {k for k in SequenceConfig.model_fields if k.startswith("joint_")}
+    settings = scfg.model_dump(exclude={"max_epochs", "patience", "num_workers", "cpus_per_worker", *joint})
     blob = json.dumps([settings, bool(item_id_embeddings), sorted(id_of.items()), item_model_id], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -187,7 +195,7 @@ def fit(
     batches: Callable[[int], Iterable[dict[str, torch.Tensor]]] | None = None,
     wrap: Callable[[SequenceTower], torch.nn.Module] | None = None,
     state: dict[str, Any] | None = None, on_epoch: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-    id_of: dict[str, int] | None = None,
+    id_of: dict[str, int] | None = None, exclude_history: bool = False,
 ) -> tuple[SequenceModel, dict[str, Any]]:
     """Train a tower; returns the best epoch's model and the history (epochs, metrics, timing).
 
@@ -227,7 +235,7 @@ def fit(
             n += 1
         row: dict[str, Any] = {"epoch": epoch, "loss": total / max(n, 1), "steps": n, "epoch_s": round(time.perf_counter() - t, 2)}
         if valid is not None:
-            m = validate(SequenceModel(tower, id_of), valid, text_emb, item_ids)
+            m = validate(SequenceModel(tower, id_of), valid, text_emb, item_ids, exclude_history)
             tower.train()
             row.update(m)
             score = _same_on_all_ranks(m["valid/ndcg@10"])
@@ -298,14 +306,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             log.info("rank %d resuming after epoch %d", rank, state["epoch"])
 
-    def batches(epoch: int) -> Iterable[dict[str, torch.Tensor]]:
+    def batches(epoch: int, batch_size: int = scfg.batch_size) -> Iterable[dict[str, torch.Tensor]]:
         seed = scfg.seed * 100_003 + epoch
-        chunks = shard.iter_batches(batch_size=scfg.batch_size * BUCKET_BATCHES, batch_format="numpy",
-                                    local_shuffle_buffer_size=scfg.batch_size * BUCKET_BATCHES, local_shuffle_seed=seed)
-        return length_bucketed(chunks, scfg.batch_size, seed)
+        chunks = shard.iter_batches(batch_size=batch_size * BUCKET_BATCHES, batch_format="numpy",
+                                    local_shuffle_buffer_size=batch_size * BUCKET_BATCHES, local_shuffle_seed=seed)
+        return length_bucketed(chunks, batch_size, seed)
 
-    def on_epoch(row: dict[str, Any], st: dict[str, Any]) -> None:
-        metrics = {**row, "rank": rank, "world": world}
+    last: dict[str, Any] = dict(state or {})  # the frozen stage's latest state: joint checkpoints carry it
+
+    def report(metrics: dict[str, Any], st: dict[str, Any]) -> None:
+        metrics = {**metrics, "rank": rank, "world": world}
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({**st, "fingerprint": data["fingerprint"]}, os.path.join(d, STATE_FILE))
@@ -313,10 +323,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
 
+    def on_epoch(row: dict[str, Any], st: dict[str, Any]) -> None:
+        last.clear()
+        last.update(st)
+        report(row, st)
+
     wrap = ray.train.torch.prepare_model if world > 1 else None
-    fit(scfg, data["train"], data["emb"], data["item_ids"], data["dup"], valid=data["valid"], seed=scfg.seed,
-        item_id_embeddings=cfg.model.item_id_embeddings, batches=batches, wrap=wrap, state=state, on_epoch=on_epoch,
-        id_of=data["id_of"])
+    model, hist = fit(scfg, data["train"], data["emb"], data["item_ids"], data["dup"], valid=data["valid"], seed=scfg.seed,
+                      item_id_embeddings=cfg.model.item_id_embeddings, batches=batches, wrap=wrap, state=state,
+                      on_epoch=on_epoch, id_of=data["id_of"], exclude_history=cfg.eval.exclude_history)
+    if not scfg.joint_steps:
+        return
+    from recsys.model import build_two_tower, load_tokenizer
+    from recsys.sequence_joint import ItemTokens, fit_joint
+
+    encoder = build_two_tower(cfg.model)
+    encoder.load_state_dict(ray.get(data["encoder"][0]))
+    tokens = ItemTokens(data["texts"], load_tokenizer(cfg.model), cfg.model)
+    fit_joint(scfg, model, encoder, tokens, data["item_ids"], data["dup"], data["valid"],
+              lambda epoch: batches(10_000 + epoch, scfg.joint_batch_size), wrap=wrap, baseline=hist["best"],
+              on_eval=lambda row, st: report(row, {**last, "joint_state": st}), exclude_history=cfg.eval.exclude_history,
+              state=(state or {}).get("joint_state"))
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -334,17 +361,20 @@ def run(cfg: Any) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from recsys import paths, storage
+    from recsys.catalog_index import embed_catalog
     from recsys.config import redacted, to_dict
     from recsys.encoder import RECSYS_META
-    from recsys.evaluate import _items, _read_dir, embed_catalog
+    from recsys.evaluate import _read_dir
+    from recsys.items import read_items
     from recsys.runtime import ensure_ray
     from recsys.sequence import SequenceTower, attach_sequence_tower
 
     t0 = time.perf_counter()
     scfg = cfg.sequence
     ensure_ray(cfg=cfg)
-    items = _items(cfg)
+    items = read_items(paths.items(cfg), cfg.storage)
     item_ids: list[str] = items.column("item_id").to_pylist()
+    check_joint(cfg, len(item_ids))
     export = paths.export_dir(cfg)
     work = Path(tempfile.mkdtemp(prefix="recsys-sequence-"))
     try:
@@ -369,6 +399,11 @@ def run(cfg: Any) -> dict[str, Any]:
             if t is None or t.num_rows == 0:
                 raise FileNotFoundError(f"no next-item {split} examples under {paths.examples(cfg, 'next_item', split)}: run the prepare job first")
             data[split] = SequenceExamples.from_table(t, item_ids, scfg.max_len, where=f"next-item {split} examples")
+        if scfg.joint_steps:  # the end-to-end stage starts from the item tower the frozen one read
+            from recsys.model import build_two_tower
+
+            data["encoder"] = [ray.put(build_two_tower(cfg.model.model_copy(update={"name_or_path": str(local)})).state_dict())]
+            data["texts"] = items.column("text").to_pylist()
         data["id_of"] = id_vocabulary(data["train"], item_ids)
         data["fingerprint"] = fingerprint(scfg, cfg.model.item_id_embeddings, data["id_of"], item_model_id)
         row_of = {i: k for k, i in enumerate(item_ids)}
@@ -396,7 +431,18 @@ def run(cfg: Any) -> dict[str, Any]:
         hist = state["history"]
         tower = SequenceTower(tower_settings(scfg, cfg.model.item_id_embeddings), int(emb.shape[1]), len(state["id_of"]))
         tower.load_state_dict(state["best_tower"])
-        model_id = attach_sequence_tower(local, tower, state["id_of"], sequence_item_tower=scfg.item_tower)
+        joint = state.get("joint_state")
+        if joint is not None and joint["best_encoder"] is not None:
+            # The joint stage beat the frozen one: its encoder is the export's item tower now.
+            from recsys.model import _write_export, build_two_tower, load_tokenizer
+
+            tower.load_state_dict(joint["best_tower"])
+            encoder = build_two_tower(cfg.model.model_copy(update={"name_or_path": str(local)}))
+            encoder.load_state_dict(joint["best_encoder"])
+            _write_export(encoder, load_tokenizer(cfg.model), cfg.model, redacted(cfg), local,
+                          training={"sequence_joint_best_step": joint["history"]["best_step"]})
+        model_id = attach_sequence_tower(local, tower, state["id_of"], sequence_item_tower=scfg.item_tower,
+                                         sequence_joint_steps=joint["history"]["best_step"] if joint and joint["best_encoder"] is not None else 0)
         storage.replace_dir(str(local), export, cfg.storage, marker=RECSYS_META)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -406,6 +452,9 @@ def run(cfg: Any) -> dict[str, Any]:
         "best_valid_ndcg@10": best.get("valid/ndcg@10"), "trainable_parameters": hist["params"],
         "resumed_from_epoch": hist.get("start_epoch", 0),
         "train_examples": len(data["train"]), "export": export, "model_id": model_id,
+        **({"joint_steps": joint["history"]["steps"], "joint_best_step": joint["history"]["best_step"],
+            "joint_best_valid_ndcg@10": joint["history"]["best"], "joint_improved": joint["best_encoder"] is not None,
+            "joint_trainable_parameters": joint["history"]["params"]} if joint else {}),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     log.info("sequence tower trained: %s", summary)

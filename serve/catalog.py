@@ -176,16 +176,14 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
     """Items and their embeddings: from the saved index when given (refused unless the model at
     `model_uri`, of identity `model_id`, made it), else embedded here (by `encoder` when the
     caller has that model loaded already)."""
-    import pyarrow.parquet as pq
-
-    from recsys import hybrid, storage
+    from recsys import hybrid
     from recsys.bm25 import BM25Index
     from recsys.index import build_index, load_index
+    from recsys.items import read_items
     from recsys.retrieval import FilterFields, align_embeddings
     from recsys.sequence import SequenceCatalog, open_sequence_tower
 
-    fs, path = storage.filesystem(items_uri, storage_cfg(a))
-    table = pq.read_table(path, filesystem=fs)
+    table = read_items(items_uri, storage_cfg(a))
     ids: list[str] = table.column("item_id").to_pylist()
     meta = table.select([c for c in ("item_id", "title", "brand", "category", "price") if c in table.column_names]).to_pylist()
     texts: list[str] = table.column("text").to_pylist()

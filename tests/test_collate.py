@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from recsys.config import Config
+from recsys.features import Featurize, collate, features, hard_negatives_for, to_tensors
+from recsys.items import ItemTable
 from recsys.model import load_tokenizer
+from recsys.negatives import HardNegatives
 from recsys.schemas import ITEMS_SCHEMA
-from recsys.train import Featurize, ItemTable, collate, features, to_tensors
 
 
 def _items() -> ItemTable:
@@ -86,7 +88,7 @@ def test_hard_negatives_skip_the_other_positives_of_the_rows_query(tiny_model: s
     }
     for seed in range(12):  # the draw is seeded: without the rule C would come up about half the time
         cfg.train.seed = seed
-        f = features(batch, items, tok, cfg)
+        f = features(batch, items, tok, cfg, hard_negatives_for(items, cfg))
         b_text = tok([items.texts[1]], truncation=True, max_length=cfg.model.max_item_tokens)["input_ids"][0]
         assert f["h_ids"][0] == [b_text], seed  # row 0 (A): only B is left
         assert f["h_ids"][1] == [b_text], seed  # row 1 (C): A is the other positive, B is left
@@ -98,8 +100,8 @@ def test_pipeline_features_round_trip_to_the_same_tensors(tiny_model: str) -> No
     cfg.model.name_or_path = tiny_model
     tok = load_tokenizer(cfg.model)
     items = _items()
-    actor = Featurize.__new__(Featurize)  # its __init__ only loads these three from storage
-    actor.cfg, actor.items, actor.tokenizer = cfg, items, tok
+    actor = Featurize.__new__(Featurize)  # its __init__ only loads these from storage
+    actor.cfg, actor.items, actor.negatives, actor.tokenizer = cfg, items, None, tok
     table = actor(_batch())
     as_numpy = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     got = to_tensors(as_numpy, tok.pad_token_id)
@@ -109,7 +111,7 @@ def test_pipeline_features_round_trip_to_the_same_tensors(tiny_model: str) -> No
         assert torch.equal(got[k], want[k]), k
 
 
-def _shoe_shop(pool: int) -> ItemTable:
+def _shoe_shop(pool: int) -> tuple[ItemTable, HardNegatives]:
     rows = [  # (id, text, duplicate group)
         ("A", "red lightweight running shoe", 0),
         ("A2", "red lightweight running shoe", 0),  # A's duplicate: never A's negative
@@ -118,28 +120,29 @@ def _shoe_shop(pool: int) -> ItemTable:
         ("D", "memory foam dog bed", 3),
         ("E", "glass french press", 4),
     ]
-    return ItemTable(pa.Table.from_pylist(
+    items = ItemTable(pa.Table.from_pylist(
         [{"item_id": i, "title": t, "brand": None, "category": None, "price": None, "text": t, "dup_group": g, "popularity": 1}
          for i, t, g in rows],
         schema=ITEMS_SCHEMA,
-    ), hard_negative_pool=pool)
+    ))
+    return items, HardNegatives(items, pool=pool)
 
 
 def test_hard_negatives_are_bm25_neighbours_and_never_hits() -> None:
-    items = _shoe_shop(pool=1)
+    items, miner = _shoe_shop(pool=1)
     a, b, c = (items.index[i] for i in ("A", "B", "C"))
     no_history = np.zeros(0, dtype=np.int64)
     # A's nearest text is its duplicate A2, then B: the duplicate is skipped.
-    assert items.hard_negative_rows(np.array([a]), [no_history], 1).tolist() == [[b]]
+    assert miner.rows(np.array([a]), [no_history], 1).tolist() == [[b]]
     # B in the history is a hit too, so the next neighbour (the other "running" item) comes.
-    assert items.hard_negative_rows(np.array([a]), [np.array([b])], 1).tolist() == [[c]]
+    assert miner.rows(np.array([a]), [np.array([b])], 1).tolist() == [[c]]
     # Two from a pool of two: both neighbours, in some order; never A, A2 or a history item.
-    items2 = _shoe_shop(pool=2)
-    got = items2.hard_negative_rows(np.array([a, b]), [no_history, np.array([c])], 2)
+    _, miner2 = _shoe_shop(pool=2)
+    got = miner2.rows(np.array([a, b]), [no_history, np.array([c])], 2)
     assert sorted(got[0].tolist()) == [b, c]
     assert c not in got[1] and b not in got[1] and len(set(got[1].tolist())) == 2
     with pytest.raises(ValueError, match="hard_negatives=5"):
-        items.hard_negative_rows(np.array([a]), [np.array([b, c])], 5)
+        miner.rows(np.array([a]), [np.array([b, c])], 5)
 
 
 def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: str) -> None:
@@ -151,21 +154,23 @@ def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: st
     cfg.model.name_or_path = tiny_model
     cfg.train.hard_negatives = 2
     tok = load_tokenizer(cfg.model)
-    items = _shoe_shop(pool=2)  # pool == n: the draw is deterministic, both modes see the same
+    items, miner = _shoe_shop(pool=2)  # pool == n: the draw is deterministic, both modes see the same
     batch = {
         "query": np.array(["red running shoe", "dog bed"], dtype=object),
         "history": np.array([None, np.array(["E"])], dtype=object),
         "item_id": np.array(["A", "D"], dtype=object),
         "weight": np.array([1.0, 1.0]),
     }
-    b = collate(batch, items, tok, cfg)
+    with pytest.raises(ValueError, match="hard_negatives=2 needs a HardNegatives miner"):
+        collate(batch, items, tok, cfg)
+    b = collate(batch, items, tok, cfg, miner)
     assert b["h_ids"].shape[0] == 4 and b["h_mask"].shape == b["h_ids"].shape
     actor = Featurize.__new__(Featurize)
-    actor.cfg, actor.items, actor.tokenizer = cfg, items, tok
+    actor.cfg, actor.items, actor.negatives, actor.tokenizer = cfg, items, miner, tok
     table = actor(batch)
     got = to_tensors({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, tok.pad_token_id)
     assert torch.equal(got["h_ids"], b["h_ids"]) and torch.equal(got["h_mask"], b["h_mask"])
-    hard_rows = items.hard_negative_rows(np.array([items.index["A"], items.index["D"]]), [np.zeros(0, np.int64), np.array([items.index["E"]])], 2)
+    hard_rows = miner.rows(np.array([items.index["A"], items.index["D"]]), [np.zeros(0, np.int64), np.array([items.index["E"]])], 2)
     assert b["h_logq"].shape == (2, 2) and torch.equal(got["h_logq"], b["h_logq"])
     assert torch.allclose(b["h_logq"].sort(dim=1).values, torch.tensor(np.sort(items.logq[hard_rows], axis=1)))
 

@@ -141,7 +141,7 @@ def test_serving_index_is_the_exports_and_refused_for_another_model(ray_cluster,
     refuses the old index, naming both identities."""
     import pyarrow.parquet as pq
 
-    from recsys import evaluate
+    from recsys import catalog_index, evaluate
     from recsys.data import prepare
     from recsys.encoder import model_id_at
     from recsys.index import IndexModelMismatch, index_model_id, load_index
@@ -156,9 +156,9 @@ def test_serving_index_is_the_exports_and_refused_for_another_model(ray_cluster,
 
     export_model(build_two_tower(cfg.model), load_tokenizer(cfg.model), cfg.model, {}, paths.export_dir(cfg))
     model_a = model_id_at(paths.export_dir(cfg))
-    out = evaluate.build_catalog_index(cfg)
+    out = catalog_index.build_catalog_index(cfg)
     assert out["model_id"] == model_a == index_model_id(paths.index_dir(cfg))
-    assert evaluate.embeddings_model_id(paths.embeddings(cfg), cfg) == model_a
+    assert catalog_index.embeddings_model_id(paths.embeddings(cfg), cfg) == model_a
     (part,) = storage.list_files(paths.embeddings(cfg), cfg.storage, ".parquet")
     assert pq.read_schema(part).metadata[b"recsys.model_id"] == model_a.encode()
     assert app_args(cfg)["index_uri"] == paths.index_dir(cfg)
@@ -182,7 +182,7 @@ def test_serving_index_is_the_exports_and_refused_for_another_model(ray_cluster,
         with pytest.raises(IndexModelMismatch) as e:
             refuse()
         assert model_a in str(e.value) and model_b in str(e.value)
-    assert evaluate.build_catalog_index(cfg)["model_id"] == model_b
+    assert catalog_index.build_catalog_index(cfg)["model_id"] == model_b
     assert app_args(cfg)["index_uri"] == paths.index_dir(cfg)
 
 

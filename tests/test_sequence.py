@@ -74,7 +74,7 @@ def prepared(ray_cluster, s3_server, tiny_model):
 
     cfg = load_config(REPO / "jobs/configs/train_tiny.yaml", [
         f"model.name_or_path={tiny_model}", "model.user_tower=sequence", "model.item_id_embeddings=true",
-        "sequence.dim=16", "sequence.ffn_dim=32", "sequence.experts=2", "sequence.max_epochs=3", "sequence.patience=5",
+        "sequence.ffn_dim=32", "sequence.max_epochs=3", "sequence.patience=5",
         "sequence.batch_size=32", "sequence.cpus_per_worker=1", "train.run_name=seq",
     ])
     cfg.storage = s3_server.storage_config("s3://test/sequence")
@@ -113,10 +113,25 @@ def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -
     direct = average(per_query_metrics(ex.rank(model, emb, ids, 10), ex.relevant(ids), [10]), "test/next_item")
     assert abs(direct["test/next_item/ndcg@10"] - m["test/next_item/ndcg@10"]) < 1e-6
 
-    # A second run with more epochs resumes after the third, from the Ray Train checkpoint.
-    more = prepared.model_copy(update={"sequence": prepared.sequence.model_copy(update={"max_epochs": 4})})
+    # A second run with more epochs resumes after the third, from the Ray Train checkpoint, and
+    # goes on end to end (the item tower's encoder fine-tuned jointly) for 4 steps.
+    more = prepared.model_copy(update={
+        "sequence": prepared.sequence.model_copy(update={"max_epochs": 4, "joint_steps": 4, "joint_refresh_every": 2,
+                                                         "joint_batch_size": 8, "joint_lr": 1e-3}),
+        "train": prepared.train.model_copy(update={"task": "next_item"})})
     again = train.run(more)
     assert again["epochs"] == 4 and again["resumed_from_epoch"] == 3
+    assert again["joint_steps"] == 4 and again["joint_best_valid_ndcg@10"] >= again["best_valid_ndcg@10"]
+    assert again["joint_trainable_parameters"] > again["trainable_parameters"]
+    local2 = storage.download_dir(paths.export_dir(more), tmp_path / "export2", more.storage)
+    meta2 = json.loads((local2 / "recsys_model.json").read_text())
+    st_base, st_new = SentenceTransformer(str(local)).encode(["a thing"]), SentenceTransformer(str(local2)).encode(["a thing"])
+    if again["joint_improved"]:  # the export's item tower is the jointly fine-tuned encoder
+        assert meta2["sequence_joint_steps"] == again["joint_best_step"] > 0 and not np.allclose(st_base, st_new, atol=1e-5)
+    else:  # the frozen stage's tower over the unchanged item tower
+        assert meta2["sequence_joint_steps"] == 0 and np.allclose(st_base, st_new, atol=1e-6)
+    with pytest.raises(ValueError, match="train.task=next_item"):
+        train.run(more.model_copy(update={"train": prepared.train}))
     # Other settings: that checkpoint is not this config's tower, so it starts afresh.
     other = more.model_copy(update={"sequence": more.sequence.model_copy(update={"temperature": 0.2, "max_epochs": 1})})
     assert train.run(other)["resumed_from_epoch"] == 0
@@ -164,3 +179,105 @@ def test_early_stopping_keeps_the_best_epoch_and_a_stopped_run_stays_stopped() -
         assert torch.equal(v, states[best]["tower"][k]), k  # the best epoch's weights, not the last
     again, h2 = fit(scfg, train, emb, ids, np.arange(n_items), valid=valid, state=states[-1])
     assert h2["epochs"] == hist_out["epochs"]  # nothing trained on a re-run of a finished run
+
+
+def _rule_data(n_items: int = 30, rows: int = 400, seed: int = 0):
+    """Histories whose next item is always the newest item + 1: learnable by any tower."""
+    from recsys.train_sequence import SequenceExamples
+
+    rng = np.random.default_rng(seed)
+    hist = np.full((rows, 4), -1, dtype=np.int64)
+    hist[:, 0] = rng.integers(0, n_items, size=rows)
+    hist[:, 1] = (hist[:, 0] - 1) % n_items
+    target = (hist[:, 0] + 1) % n_items
+    return SequenceExamples(hist, target, np.ones(rows, np.float32)), rng.normal(size=(n_items, 12)).astype(np.float32)
+
+
+def test_sampled_softmax_path_trains_when_the_catalog_is_too_big_for_a_full_one() -> None:
+    """Past sequence.full_softmax_max_items the loss is the in-batch sampled softmax with logQ:
+    another loss on the same batch, and it still learns the rule."""
+    from recsys.config import SequenceConfig
+    from recsys.train_sequence import fit, step_loss
+
+    train, emb = _rule_data()
+    valid, _ = _rule_data(rows=60, seed=1)
+    ids = [f"i{k}" for k in range(len(emb))]
+    tower = {k: v for k, v in TINY_SEQUENCE.items() if k != "item_ids"}
+    base = {**tower, "max_len": 4, "max_epochs": 12, "patience": 12, "batch_size": 64, "lr": 0.01}
+    full, sampled = SequenceConfig(**base), SequenceConfig(**base, full_softmax_max_items=len(ids) - 1)
+    torch.manual_seed(0)
+    t = SequenceTower({**TINY_SEQUENCE, "item_ids": False}, 12, 0).eval()
+    b = next(iter(train.batches(64, 0)))
+    args = (torch.from_numpy(emb), torch.zeros(len(ids), dtype=torch.long), torch.arange(len(ids)))
+    assert not torch.allclose(step_loss(t, b, *args, full), step_loss(t, b, *args, sampled))
+    _, h = fit(sampled, train, emb, ids, np.arange(len(ids)), valid=valid)
+    assert h["best"] > 0.8, h["rows"]  # a random ranking of 30 items scores ~0.2
+
+
+def test_validation_excludes_history_only_when_asked() -> None:
+    from recsys.sequence import SequenceModel
+    from recsys.train_sequence import SequenceExamples
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(6, 12)).astype(np.float32)
+    ids = [f"i{k}" for k in range(6)]
+    torch.manual_seed(0)
+    model = SequenceModel(SequenceTower({**TINY_SEQUENCE, "item_ids": False}, 12, 0), {})
+    ex = SequenceExamples(np.array([[0, 1, 2, -1], [3, 4, -1, -1]]), np.array([5, 0]), np.ones(2, np.float32))
+    kept = ex.rank(model, emb, ids, 6)
+    assert all(len(r) == 6 for r in kept)  # the papers' protocol: history items rank too
+    dropped = ex.rank(model, emb, ids, 6, exclude_history=True)
+    assert set(dropped[0]).isdisjoint({"i0", "i1", "i2"}) and set(dropped[1]).isdisjoint({"i3", "i4"})
+
+
+def test_a_tower_setting_that_keeps_the_weights_shapes_still_changes_the_model_id(tmp_path, tiny_model, attach_random_tower) -> None:
+    """Causal and bidirectional towers have the same weights but rank differently: serving must
+    see two models."""
+    from recsys.config import ModelConfig
+    from recsys.model import build_two_tower, export_model, load_tokenizer
+
+    mcfg = ModelConfig(name_or_path=tiny_model)
+    torch.manual_seed(0)
+    model = build_two_tower(mcfg)
+    got = []
+    for attention in ("bidirectional", "causal"):
+        export_model(model, load_tokenizer(mcfg), mcfg, {}, tmp_path / attention)
+        got.append(attach_random_tower(tmp_path / attention, ["a", "b", "c"], seed=0, attention=attention))
+    assert got[0] != got[1]
+
+
+def test_the_joint_stage_fine_tunes_the_encoder_and_keeps_the_frozen_result_unless_beaten(tiny_model) -> None:
+    """End to end in process: the encoder's weights move, every validation is logged, and only a
+    validation above the baseline replaces the frozen stage's model."""
+    from recsys.config import ModelConfig, SequenceConfig
+    from recsys.model import build_two_tower, load_tokenizer
+    from recsys.sequence import SequenceModel
+    from recsys.sequence_joint import ItemTokens, embed_all, fit_joint
+
+    train, _ = _rule_data(n_items=12, rows=64)
+    valid, _ = _rule_data(n_items=12, rows=16, seed=1)
+    ids = [f"i{k}" for k in range(12)]
+    texts = [f"item number {k} of colour {'red blue green'.split()[k % 3]}" for k in range(12)]
+    mcfg = ModelConfig(name_or_path=tiny_model, max_item_tokens=16)
+    tokens = ItemTokens(texts, load_tokenizer(mcfg), mcfg)
+    tower_settings = {k: v for k, v in TINY_SEQUENCE.items() if k != "item_ids"}
+    scfg = SequenceConfig(**{**tower_settings, "max_len": 4, "joint_steps": 4, "joint_refresh_every": 2, "joint_batch_size": 16,
+                             "joint_lr": 1e-3})
+    results = {}
+    for name, baseline in (("beats", float("-inf")), ("never", float("inf"))):
+        torch.manual_seed(0)
+        encoder = build_two_tower(mcfg)
+        dim = int(embed_all(encoder, tokens).shape[1])
+        model = SequenceModel(SequenceTower({**TINY_SEQUENCE, "dim": 16, "item_ids": False}, dim, 0), {})
+        before = {k: v.clone() for k, v in encoder.state_dict().items()}
+        tower_before = {k: v.clone() for k, v in model.tower.state_dict().items()}
+        got, best_encoder, hist = fit_joint(scfg, model, encoder, tokens, ids, np.arange(12), valid,
+                                            lambda ep: train.batches(16, ep), baseline=baseline)
+        assert [r["joint_step"] for r in hist["rows"]] == [2, 4] and hist["steps"] == 4
+        results[name] = (before, encoder.state_dict(), tower_before, got.tower.state_dict(), best_encoder)
+    before, after, _, _, best = results["beats"]
+    assert best is not None and any(not torch.equal(before[k], after[k]) for k in before)  # the encoder was trained
+    before, after, tower_before, tower_after, best = results["never"]
+    assert best is None  # nothing beat the frozen stage: its tower and the encoder are kept as they were
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(tower_before[k], tower_after[k]) for k in tower_before)

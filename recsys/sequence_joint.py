@@ -1,0 +1,186 @@
+"""End-to-end training of the sequence user tower: the item tower's text encoder fine-tuned
+jointly with the tower (`sequence.joint_steps` > 0), as a stage after the frozen one.
+
+One step: the batch's own items (its targets and history items) are encoded by the text encoder
+with gradient; every other catalog item's text embedding comes from a cache that the current
+encoder refreshes every `sequence.joint_refresh_every` steps. The loss is the frozen stage's full
+softmax over the catalog (`losses.full_softmax_loss`, the same masks), so the gradient reaches
+the encoder through the batch's rows and the tower through everything. At every refresh the
+validation users are ranked over the refreshed catalog; the best validation's encoder and tower
+are kept, and the frozen stage's result is the one to beat (a joint stage that never improves
+on it changes nothing).
+
+Items stay what serving sees: L2-normalised text embeddings of `item_prefix + text`, truncated to
+`model.max_item_tokens`, pooled as the export's sentence-transformers folder pools them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys.config import ModelConfig, SequenceConfig
+from recsys.losses import full_softmax_loss
+from recsys.sequence import SequenceModel, SequenceTower
+
+log = logging.getLogger(__name__)
+
+PAD = -1
+
+
+def check_joint(cfg: Any, catalog_items: int) -> None:
+    """Refuse, naming the keys, what the joint stage cannot train correctly."""
+    s, m = cfg.sequence, cfg.model
+    if not s.joint_steps:
+        return
+    if cfg.train.task != "next_item":
+        # The item tower is also search's (one encoder): fine-tuning it for next-item alone would
+        # leave search's query tower matching items it no longer embeds.
+        raise ValueError(f"sequence.joint_steps={s.joint_steps} fine-tunes the item tower for next-item only; "
+                         f"train.task is {cfg.train.task!r}: set train.task=next_item or sequence.joint_steps=0")
+    if m.separate_towers or m.projection_dim:
+        raise ValueError("sequence.joint_steps > 0 needs one shared encoder without projection "
+                         "(model.separate_towers=false, model.projection_dim=0)")
+    if catalog_items > s.full_softmax_max_items:
+        raise ValueError(f"sequence.joint_steps > 0 needs the full softmax: the catalog has {catalog_items} items, "
+                         f"above sequence.full_softmax_max_items={s.full_softmax_max_items}")
+
+
+class JointStep(nn.Module):
+    """The text encoder and the sequence tower in one module, so DDP syncs both."""
+
+    def __init__(self, encoder: nn.Module, tower: SequenceTower) -> None:
+        super().__init__()
+        self.encoder = encoder  # a recsys.model.TwoTower: its encode_item is the item tower
+        self.tower = tower
+
+    def forward(
+        self, cache: torch.Tensor, cat_ids: torch.Tensor, hist: torch.Tensor,
+        tok_ids: torch.Tensor, tok_mask: torch.Tensor, rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fresh = self.encoder.encode_item(tok_ids, tok_mask)  # (rows, text_dim), with gradient
+        cat = cache.index_copy(0, rows, fresh.to(cache.dtype))  # (catalog, text_dim)
+        return self.tower(cat, cat_ids, hist)  # (batch, dim), (catalog, dim)
+
+
+class ItemTokens:
+    """Tokenised catalog texts, once: a step only pads the rows it needs."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> None:
+        self.ids: list[list[int]] = tokenizer([mcfg.item_prefix + t for t in texts], truncation=True,
+                                              max_length=mcfg.max_item_tokens)["input_ids"]
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(rows), longest) token ids and attention mask."""
+        width = max(len(self.ids[r]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(self.ids[r])] = torch.tensor(self.ids[r])
+            mask[i, : len(self.ids[r])] = 1
+        return ids, mask
+
+
+@torch.no_grad()
+def embed_all(encoder: nn.Module, tokens: ItemTokens, batch_size: int = 128) -> torch.Tensor:
+    """(catalog, text_dim) embeddings of every item by the current encoder (eval mode)."""
+    was = encoder.training
+    encoder.eval()
+    n = len(tokens.ids)
+    order = np.argsort([len(t) for t in tokens.ids], kind="stable")  # similar lengths pad less
+    out = torch.empty(0)
+    for s in range(0, n, batch_size):
+        rows = order[s : s + batch_size].tolist()
+        emb = encoder.encode_item(*tokens.batch(rows))  # (b, text_dim)
+        if out.numel() == 0:
+            out = torch.empty((n, emb.shape[1]), dtype=torch.float32)
+        out[rows] = emb.float()
+    encoder.train(was)
+    return out
+
+
+def fit_joint(
+    scfg: SequenceConfig, model: SequenceModel, encoder: nn.Module, tokens: ItemTokens, item_ids: Sequence[str],
+    dup: np.ndarray, valid: Any, batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    wrap: Callable[[nn.Module], nn.Module] | None = None, baseline: float = float("-inf"),
+    on_eval: Callable[[dict[str, Any], dict[str, Any]], None] | None = None, exclude_history: bool = False,
+    state: dict[str, Any] | None = None,
+) -> tuple[SequenceModel, dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """`sequence.joint_steps` steps from the frozen stage's `model` and the item tower `encoder`.
+
+    Returns the best model, the best encoder's state dict (None when no validation beat
+    `baseline`, the frozen stage's valid NDCG@10) and the history. `batches(epoch)` yields
+    `sequence.joint_batch_size` batches; `on_eval(row, state)` after every validation (the Ray
+    job checkpoints `state`, which `state=` resumes)."""
+    from recsys.train_sequence import validate
+
+    tower = model.tower
+    joint = JointStep(encoder, tower)
+    view = wrap(joint) if wrap else joint
+    opt = torch.optim.AdamW([
+        {"params": list(tower.parameters()), "lr": scfg.lr},
+        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": scfg.joint_lr},
+    ], weight_decay=scfg.weight_decay)
+    cat_ids = model.id_rows(item_ids)  # (catalog,)
+    dup_t = torch.from_numpy(np.asarray(dup, dtype=np.int64))
+    hist_out: dict[str, Any] = {"rows": [], "best": baseline, "best_step": 0, "steps": 0,
+                                "params": sum(p.numel() for p in joint.parameters() if p.requires_grad)}
+    best_tower, best_encoder = copy.deepcopy(tower.state_dict()), None
+    # What is kept when nothing beats the baseline: the encoder as given (on resume too, before
+    # the checkpoint's state is loaded), so checkpoints need not carry it.
+    start_encoder = copy.deepcopy(encoder.state_dict())
+    step, epoch = 0, 0
+    if state:
+        joint.load_state_dict(state["joint"])
+        opt.load_state_dict(state["opt"])
+        hist_out, step, epoch = state["history"], int(state["step"]), int(state["epoch"])
+        best_tower, best_encoder = state["best_tower"], state["best_encoder"]
+    cache = embed_all(encoder, tokens)
+    t_last = time.perf_counter()
+    while step < scfg.joint_steps:
+        losses = []
+        for b in batches(epoch):
+            joint.train()
+            hist, target = b["hist"], b["target"]  # (batch, L), (batch,)
+            hist = hist[:, : max(1, int((hist != PAD).sum(1).max()))]
+            rows = torch.unique(torch.cat([target, hist[hist != PAD]]))  # the batch's own items
+            u, items = view(cache, cat_ids, hist, *tokens.batch(rows.tolist()), rows)
+            loss = full_softmax_loss(u, items, target, scfg.temperature, masked=hist if scfg.mask_history else None,
+                                     dup_rows=dup_t, weights=b.get("weight"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % scfg.joint_refresh_every == 0 or step == scfg.joint_steps:
+                cache = embed_all(encoder, tokens)
+                m = validate(SequenceModel(tower, model.id_of), valid, cache.numpy(), item_ids, exclude_history)
+                score = m["valid/ndcg@10"]
+                improved = score > hist_out["best"]
+                if improved:
+                    hist_out["best"], hist_out["best_step"] = score, step
+                    best_tower, best_encoder = copy.deepcopy(tower.state_dict()), copy.deepcopy(encoder.state_dict())
+                row = {"joint_step": step, "loss": float(np.mean(losses)), **m, "improved": improved,
+                       "interval_s": round(time.perf_counter() - t_last, 1)}
+                losses, t_last = [], time.perf_counter()
+                hist_out["rows"].append(row)
+                hist_out["steps"] = step
+                log.info("joint step %d/%d: loss %.4f, valid NDCG@10 %.4f (best %.4f at step %d, frozen %.4f)", step,
+                         scfg.joint_steps, row["loss"], score, hist_out["best"], hist_out["best_step"], baseline)
+                if on_eval:
+                    on_eval(row, {"joint": joint.state_dict(), "opt": opt.state_dict(), "history": hist_out, "step": step,
+                                  "epoch": epoch, "best_tower": best_tower, "best_encoder": best_encoder})
+            if step >= scfg.joint_steps:
+                break
+        epoch += 1
+    tower.load_state_dict(best_tower)
+    encoder.load_state_dict(best_encoder if best_encoder is not None else start_encoder)
+    return SequenceModel(tower, model.id_of), best_encoder, hist_out
