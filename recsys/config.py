@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import types
 import typing
@@ -36,6 +37,8 @@ from pydantic import (
 )
 
 from recsys.schemas import EVENT_TYPES
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -655,6 +658,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys a saved config (a checkpoint's or an export's config.yaml) may still hold.
+REMOVED_KEYS = (("train", "crash_at_step"),)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (optional) and apply dotted overrides; errors name key and file."""
     data: dict[str, Any] = {}
@@ -669,6 +676,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, key in REMOVED_KEYS:
+            if isinstance(loaded.get(section), dict) and key in loaded[section]:
+                # Configs saved in older checkpoints and exports carry it; it did nothing when 0.
+                log.warning("%s: %s.%s is no longer a setting; ignored", path, section, key)
+                del loaded[section][key]
         data, where = loaded, str(path)
     given = {}
     for item in overrides or []:

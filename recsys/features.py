@@ -70,7 +70,7 @@ def features(
     n_hard = cfg.train.hard_negatives
     if n_hard > 0:
         if negatives is None:
-            raise ValueError(f"train.hard_negatives={n_hard} needs a HardNegatives miner (features_for / hard_negatives_for)")
+            raise ValueError(f"train.hard_negatives={n_hard} needs a HardNegatives miner (hard_negatives_for)")
         # Drawn from the batch's own content, so a resumed run mines what the uninterrupted one did.
         rng = np.random.default_rng([cfg.train.seed, int(items.keys[pos].sum() & 0x7FFFFFFF)])
         # The batch's other positives of a row's user / query are accidental hits too.

@@ -45,6 +45,10 @@ def check_joint(cfg: Any, catalog_items: int) -> None:
         # leave search's query tower matching items it no longer embeds.
         raise ValueError(f"sequence.joint_steps={s.joint_steps} fine-tunes the item tower for next-item only; "
                          f"train.task is {cfg.train.task!r}: set train.task=next_item or sequence.joint_steps=0")
+    if s.item_tower != "base":
+        # The text stage's export would be overwritten by the joint encoder, and a re-run would
+        # start the joint stage again from that, drifting further each time.
+        raise ValueError("sequence.joint_steps > 0 starts from the pretrained item tower: set sequence.item_tower=base")
     if m.separate_towers or m.projection_dim:
         raise ValueError("sequence.joint_steps > 0 needs one shared encoder without projection "
                          "(model.separate_towers=false, model.projection_dim=0)")
@@ -141,13 +145,16 @@ def fit_joint(
     if state:
         joint.load_state_dict(state["joint"])
         opt.load_state_dict(state["opt"])
+        for group, lr in zip(opt.param_groups, (scfg.lr, scfg.joint_lr), strict=True):
+            group["lr"] = lr  # the config's, not the checkpoint's
         hist_out, step, epoch = state["history"], int(state["step"]), int(state["epoch"])
         best_tower, best_encoder = state["best_tower"], state["best_encoder"]
     cache = embed_all(encoder, tokens)
     t_last = time.perf_counter()
     while step < scfg.joint_steps:
-        losses = []
+        losses, got_batch = [], False
         for b in batches(epoch):
+            got_batch = True
             joint.train()
             hist, target = b["hist"], b["target"]  # (batch, L), (batch,)
             hist = hist[:, : max(1, int((hist != PAD).sum(1).max()))]
@@ -180,6 +187,8 @@ def fit_joint(
                                   "epoch": epoch, "best_tower": best_tower, "best_encoder": best_encoder})
             if step >= scfg.joint_steps:
                 break
+        if not got_batch:
+            raise ValueError(f"the joint stage got no batch of next-item examples in epoch {epoch} (too few for the workers?)")
         epoch += 1
     tower.load_state_dict(best_tower)
     encoder.load_state_dict(best_encoder if best_encoder is not None else start_encoder)

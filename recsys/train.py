@@ -370,7 +370,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_fetch = time.perf_counter()
         epoch, batch = next(stream)
         if skipped and step == start_step and not meter.losses:
-            meter.restart()  # examples/s of this attempt's first interval excludes the skip
+            # The first batch after a resume's skip: examples/s and data wait exclude the skip.
+            meter.restart()
+            t_fetch = time.perf_counter()
         tensors = to_tensors(batch, pad_id) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives)
         b = {k: v.to(engine.device) for k, v in tensors.items()}
         meter.add(tensors, time.perf_counter() - t_fetch)

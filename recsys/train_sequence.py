@@ -431,7 +431,8 @@ def run(cfg: Any) -> dict[str, Any]:
         hist = state["history"]
         tower = SequenceTower(tower_settings(scfg, cfg.model.item_id_embeddings), int(emb.shape[1]), len(state["id_of"]))
         tower.load_state_dict(state["best_tower"])
-        joint = state.get("joint_state")
+        # A checkpoint of an earlier run with joint steps, re-run with none, is the frozen stage's.
+        joint = state.get("joint_state") if scfg.joint_steps else None
         if joint is not None and joint["best_encoder"] is not None:
             # The joint stage beat the frozen one: its encoder is the export's item tower now.
             from recsys.model import _write_export, build_two_tower, load_tokenizer
@@ -441,8 +442,10 @@ def run(cfg: Any) -> dict[str, Any]:
             encoder.load_state_dict(joint["best_encoder"])
             _write_export(encoder, load_tokenizer(cfg.model), cfg.model, redacted(cfg), local,
                           training={"sequence_joint_best_step": joint["history"]["best_step"]})
-        model_id = attach_sequence_tower(local, tower, state["id_of"], sequence_item_tower=scfg.item_tower,
-                                         sequence_joint_steps=joint["history"]["best_step"] if joint and joint["best_encoder"] is not None else 0)
+        improved = joint is not None and joint["best_encoder"] is not None
+        model_id = attach_sequence_tower(local, tower, state["id_of"],
+                                         sequence_item_tower=f"{scfg.item_tower}+joint" if improved else scfg.item_tower,
+                                         sequence_joint_best_step=joint["history"]["best_step"] if improved else 0)
         storage.replace_dir(str(local), export, cfg.storage, marker=RECSYS_META)
     finally:
         shutil.rmtree(work, ignore_errors=True)

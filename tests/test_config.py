@@ -140,3 +140,19 @@ def test_saved_and_logged_configs_carry_no_credentials() -> None:
     assert redacted(cfg)["storage"]["s3_secret_key"] == "***" and redacted(cfg)["storage"]["s3_endpoint"] == ""
     assert config_from_dict(to_dict(cfg)).storage.s3_secret_key == "very-secret-456"
     assert "s3_secret_key: ''" in to_yaml(load_config(None, [])), "unset credentials stay empty, not ***"
+
+
+def test_a_saved_config_with_a_removed_key_still_loads(tmp_path, caplog) -> None:
+    """Checkpoints and exports written before train.crash_at_step was removed carry it (as 0)."""
+    import logging
+
+    from recsys.config import load_config
+
+    f = tmp_path / "config.yaml"
+    f.write_text("train:\n  crash_at_step: 0\n  max_steps: 7\n")
+    with caplog.at_level(logging.WARNING, logger="recsys.config"):
+        cfg = load_config(f)
+    assert cfg.train.max_steps == 7 and "crash_at_step is no longer a setting" in caplog.text
+    f.write_text("train:\n  crash_at_stepp: 0\n")
+    with pytest.raises(Exception, match="crash_at_stepp"):
+        load_config(f)  # any other unknown key is still an error

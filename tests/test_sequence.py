@@ -121,15 +121,21 @@ def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -
         "train": prepared.train.model_copy(update={"task": "next_item"})})
     again = train.run(more)
     assert again["epochs"] == 4 and again["resumed_from_epoch"] == 3
-    assert again["joint_steps"] == 4 and again["joint_best_valid_ndcg@10"] >= again["best_valid_ndcg@10"]
-    assert again["joint_trainable_parameters"] > again["trainable_parameters"]
+    assert again["joint_steps"] == 4 and again["joint_trainable_parameters"] > again["trainable_parameters"]
     local2 = storage.download_dir(paths.export_dir(more), tmp_path / "export2", more.storage)
     meta2 = json.loads((local2 / "recsys_model.json").read_text())
     st_base, st_new = SentenceTransformer(str(local)).encode(["a thing"]), SentenceTransformer(str(local2)).encode(["a thing"])
     if again["joint_improved"]:  # the export's item tower is the jointly fine-tuned encoder
-        assert meta2["sequence_joint_steps"] == again["joint_best_step"] > 0 and not np.allclose(st_base, st_new, atol=1e-5)
+        assert meta2["sequence_joint_best_step"] == again["joint_best_step"] > 0 and not np.allclose(st_base, st_new, atol=1e-5)
+        assert meta2["sequence_item_tower"] == "base+joint"
     else:  # the frozen stage's tower over the unchanged item tower
-        assert meta2["sequence_joint_steps"] == 0 and np.allclose(st_base, st_new, atol=1e-6)
+        assert meta2["sequence_joint_best_step"] == 0 and np.allclose(st_base, st_new, atol=1e-6)
+    # The same run re-submitted frozen only: the joint checkpoint is not the export's item tower.
+    frozen = more.model_copy(update={"sequence": more.sequence.model_copy(update={"joint_steps": 0})})
+    assert "joint_steps" not in train.run(frozen)
+    local3 = storage.download_dir(paths.export_dir(frozen), tmp_path / "export3", frozen.storage)
+    assert json.loads((local3 / "recsys_model.json").read_text())["sequence_joint_best_step"] == 0
+    assert np.allclose(st_base, SentenceTransformer(str(local3)).encode(["a thing"]), atol=1e-6)
     with pytest.raises(ValueError, match="train.task=next_item"):
         train.run(more.model_copy(update={"train": prepared.train}))
     # Other settings: that checkpoint is not this config's tower, so it starts afresh.
@@ -281,3 +287,23 @@ def test_the_joint_stage_fine_tunes_the_encoder_and_keeps_the_frozen_result_unle
     assert best is None  # nothing beat the frozen stage: its tower and the encoder are kept as they were
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(tower_before[k], tower_after[k]) for k in tower_before)
+
+
+def test_the_joint_stage_refuses_what_it_cannot_train_correctly() -> None:
+    from recsys.config import Config
+    from recsys.sequence_joint import check_joint
+
+    cfg = Config()
+    cfg.train.task, cfg.sequence.joint_steps = "next_item", 10
+    check_joint(cfg, 1_000)
+    for change, message in (
+        (lambda c: setattr(c.train, "task", "both"), "train.task=next_item"),
+        (lambda c: setattr(c.sequence, "item_tower", "fine_tuned"), "sequence.item_tower=base"),
+        (lambda c: setattr(c.model, "projection_dim", 64), "projection_dim=0"),
+    ):
+        bad = cfg.model_copy(deep=True)
+        change(bad)
+        with pytest.raises(ValueError, match=message):
+            check_joint(bad, 1_000)
+    with pytest.raises(ValueError, match="full_softmax_max_items"):
+        check_joint(cfg, 200_000)
