@@ -33,6 +33,7 @@ from recsys.sequence import SequenceModel, SequenceTower
 log = logging.getLogger(__name__)
 
 PAD = -1
+PROGRESS_EVERY = 10  # steps between progress lines
 
 
 def check_joint(cfg: Any, catalog_items: int) -> None:
@@ -167,6 +168,9 @@ def fit_joint(
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
+            if step % PROGRESS_EVERY == 0:  # steps are seconds each on CPU: show the pace between validations
+                log.info("joint step %d/%d: loss %.4f, %.2f s/step", step, scfg.joint_steps, float(np.mean(losses[-PROGRESS_EVERY:])),
+                         (time.perf_counter() - t_last) / len(losses))
             if step % scfg.joint_refresh_every == 0 or step == scfg.joint_steps:
                 cache = embed_all(encoder, tokens)
                 m = validate(SequenceModel(tower, model.id_of), valid, cache.numpy(), item_ids, exclude_history)
