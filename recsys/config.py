@@ -299,6 +299,9 @@ class SequenceConfig(_Section):
     # the best kept. Next-item only (train.task=next_item): the encoder is also search's.
     joint_steps: int = Field(0, ge=0)
     joint_batch_size: PositiveInt = 32
+    # Items encoded with gradient per joint step (the targets, then history items newest first;
+    # the rest from the cache): bounds the step's activations whatever the histories' length.
+    joint_grad_items: PositiveInt = 256
     joint_lr: float = Field(2e-5, gt=0)
     joint_refresh_every: PositiveInt = 100
 

@@ -307,3 +307,16 @@ def test_the_joint_stage_refuses_what_it_cannot_train_correctly() -> None:
             check_joint(bad, 1_000)
     with pytest.raises(ValueError, match="full_softmax_max_items"):
         check_joint(cfg, 200_000)
+
+
+def test_a_joint_step_encodes_at_most_joint_grad_items_the_targets_first_then_the_newest() -> None:
+    """A batch of long histories must not encode batch x max_len items with gradient (the Amazon
+    joint run was killed for memory that way)."""
+    from recsys.sequence_joint import grad_rows
+
+    target = torch.tensor([10, 11, 10])
+    hist = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [1, 7, 8, 9]])  # newest first
+    assert grad_rows(target, hist, 100).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    # Cap 5: both targets, then the newest column (1, 5; 1 again), then the next (2, ...).
+    assert grad_rows(target, hist, 5).tolist() == [1, 2, 5, 10, 11]
+    assert grad_rows(target, hist, 1).tolist() == [10, 11]  # every target, whatever the cap
