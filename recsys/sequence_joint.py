@@ -2,9 +2,10 @@
 jointly with the tower (`sequence.joint_steps` > 0), as a stage after the frozen one.
 
 One step: the batch's own items (its targets, then its history items newest first, at most
-`sequence.joint_grad_items`) are encoded by the text encoder with gradient; every other catalog
-item's text embedding comes from a cache that the current
-encoder refreshes every `sequence.joint_refresh_every` steps. The loss is the frozen stage's full
+`sequence.joint_grad_items`) are encoded by the text encoder with gradient, but the forward pass
+reads every catalog item's text embedding from a cache that the current encoder refreshes every
+`sequence.joint_refresh_every` steps, the batch's fresh encodings passing their gradient straight
+through (so the model cannot tell fresh items from cached ones). The loss is the frozen stage's full
 softmax over the catalog (`losses.full_softmax_loss`, the same masks), so the gradient reaches
 the encoder through the batch's rows and the tower through everything. At every refresh the
 validation users are ranked over the refreshed catalog; the best validation's encoder and tower
@@ -86,8 +87,13 @@ class JointStep(nn.Module):
         self, cache: torch.Tensor, cat_ids: torch.Tensor, hist: torch.Tensor,
         tok_ids: torch.Tensor, tok_mask: torch.Tensor, rows: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fresh = self.encoder.encode_item(tok_ids, tok_mask)  # (rows, text_dim), with gradient
-        cat = cache.index_copy(0, rows, fresh.to(cache.dtype))  # (catalog, text_dim)
+        fresh = self.encoder.encode_item(tok_ids, tok_mask).to(cache.dtype)  # (rows, text_dim), with gradient
+        # Forward with the cached values everywhere, gradient through the fresh encodings
+        # (straight-through). With the fresh values in the forward pass the model learnt to tell
+        # the batch's freshly encoded items from the stale cache: on Amazon the training loss fell
+        # (5.7 -> 4.1 in 80 steps) while validation NDCG@10 fell from 0.0684 to 0.0388, and the
+        # loss jumped back at each refresh.
+        cat = cache.index_copy(0, rows, cache[rows] + fresh - fresh.detach())  # (catalog, text_dim)
         return self.tower(cat, cat_ids, hist)  # (batch, dim), (catalog, dim)
 
 
