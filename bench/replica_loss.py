@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +174,11 @@ def summarise(traffic: Traffic, t_kill: float, recovered_at: float) -> dict[str,
     }
 
 
-def wait_replicas(app: str, want: int, killed: str, timeout_s: float = 180.0) -> float:
-    """Until `want` replicas other than `killed` are RUNNING; returns when (monotonic)."""
+def wait_replicas(app: str, want: int, gone: set[str], timeout_s: float = 180.0) -> float:
+    """Until `want` replicas other than the `gone` ones are RUNNING; returns when (monotonic)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        live = running(app) - {killed}
+        live = running(app) - gone
         if len(live) >= want:
             return time.monotonic()
         time.sleep(0.1)
@@ -197,21 +198,34 @@ def wait_store(store: str, timeout_s: float = 120.0) -> float:
     raise TimeoutError(f"profile store {store!r} did not answer within {timeout_s:.0f}s of being killed")
 
 
-def replica_loss(base_url: str, app: str, item_ids: list[str], want_replicas: int, clients: int = 4, before_s: float = 3.0,
-                 after_s: float = 8.0, retries: int = 2) -> dict[str, Any]:
-    """Kill one Ingress replica of `app` (served at `base_url`) under closed-loop traffic."""
-    traffic = Traffic(base_url, clients, item_ids, retries=retries)
+def under_traffic(traffic: Traffic, before_s: float, after_s: float, fault: Callable[[], float]) -> tuple[float, float]:
+    """Seed profiles, run `traffic`, and after `before_s` call `fault` (which does the damage
+    and returns when the system recovered); `after_s` more of traffic, then stop. Returns
+    (when the fault started, when it recovered), monotonic."""
     traffic.seed_profiles()
     traffic.start()
     try:
         time.sleep(before_s)
-        t_kill = time.monotonic()
-        killed = kill_replica(app)
-        recovered = wait_replicas(app, want_replicas, killed)
+        t_fault = time.monotonic()
+        recovered = fault()
         time.sleep(after_s)
     finally:
         traffic.stop()
-    return {"scenario": f"{want_replicas} replica(s), one killed", "killed": killed, **summarise(traffic, t_kill, recovered)}
+    return t_fault, recovered
+
+
+def replica_loss(base_url: str, app: str, item_ids: list[str], want_replicas: int, clients: int = 4, before_s: float = 3.0,
+                 after_s: float = 8.0, retries: int = 2) -> dict[str, Any]:
+    """Kill one Ingress replica of `app` (served at `base_url`) under closed-loop traffic."""
+    traffic = Traffic(base_url, clients, item_ids, retries=retries)
+    killed: list[str] = []
+
+    def fault() -> float:
+        killed.append(kill_replica(app))
+        return wait_replicas(app, want_replicas, set(killed))
+
+    t_kill, recovered = under_traffic(traffic, before_s, after_s, fault)
+    return {"scenario": f"{want_replicas} replica(s), one killed", "killed": killed[0], **summarise(traffic, t_kill, recovered)}
 
 
 def store_loss(base_url: str, store: str, item_ids: list[str], clients: int = 4, before_s: float = 3.0, after_s: float = 5.0,
@@ -221,16 +235,12 @@ def store_loss(base_url: str, store: str, item_ids: list[str], clients: int = 4,
     from serve.profiles import ProfileStore
 
     traffic = Traffic(base_url, clients, item_ids, paths=("/search", "/events", "/recommend"), retries=retries)
-    traffic.seed_profiles()
-    traffic.start()
-    try:
-        time.sleep(before_s)
-        t_kill = time.monotonic()
+
+    def fault() -> float:
         kill_store(store)
-        recovered = wait_store(store)
-        time.sleep(after_s)
-    finally:
-        traffic.stop()
+        return wait_store(store)
+
+    t_kill, recovered = under_traffic(traffic, before_s, after_s, fault)
     got = store_profiles(store)
     lost = []
     for user, batches in traffic.acked.items():
@@ -282,21 +292,12 @@ def node_loss(base_url: str, app: str, item_ids: list[str], node: subprocess.Pop
     store = ray.get_actor(f"bench-{app}", namespace="recsys")
     store_node = ray.get(store.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
     traffic = Traffic(base_url, clients, item_ids, retries=retries)
-    traffic.seed_profiles()
-    traffic.start()
-    try:
-        time.sleep(before_s)
-        t_kill = time.monotonic()
+
+    def fault() -> float:
         kill_node(node)
-        deadline = time.monotonic() + 300
-        while len(running(app) - set(on_node)) < want_replicas:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"app {app!r} did not get back to {want_replicas} running replicas within 300s: {replicas(app)}")
-            time.sleep(0.1)
-        recovered = time.monotonic()
-        time.sleep(after_s)
-    finally:
-        traffic.stop()
+        return wait_replicas(app, want_replicas, set(on_node), timeout_s=300)
+
+    t_kill, recovered = under_traffic(traffic, before_s, after_s, fault)
     return {"scenario": "second node killed", "ingress_replicas_on_it": on_node, "profiles_replicas_on_it": profiles_on_node,
             "store_on_it": store_node != head, **summarise(traffic, t_kill, recovered)}
 
