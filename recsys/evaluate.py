@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from recsys import hybrid, paths, significance, storage
 from recsys.bm25 import BM25Index
@@ -35,11 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _read_dir(uri: str, cfg: Config) -> pa.Table | None:
-    files = storage.list_files(uri, cfg.storage, ".parquet")
-    if not files:
-        return None
-    fs, _ = storage.filesystem(uri, cfg.storage)
-    return pa.concat_tables([pq.read_table(storage.filesystem(f, cfg.storage)[1], filesystem=fs) for f in files])
+    return storage.read_parquet_dir(uri, cfg.storage)
 
 
 def build_queries(ex: pa.Table, kind: str) -> list[dict[str, Any]]:

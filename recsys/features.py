@@ -9,16 +9,22 @@ a Ray Data actor pool (`Featurize`, train.tokenize_in=pipeline); the two give th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from recsys.config import Config, config_from_dict
+from recsys.config import Config, ModelConfig, config_from_dict
 from recsys.encoder import render_user_text
 from recsys.items import ItemTable
 from recsys.losses import item_key
 from recsys.negatives import HardNegatives
+
+
+def item_token_ids(texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> list[list[int]]:
+    """Item texts as the item tower reads them: `item_prefix + text`, to `max_item_tokens`."""
+    return tokenizer([mcfg.item_prefix + t for t in texts], truncation=True, max_length=mcfg.max_item_tokens)["input_ids"]
 
 
 def hard_negatives_for(items: ItemTable, cfg: Config) -> HardNegatives | None:
@@ -63,7 +69,7 @@ def features(
     q = tokenizer(queries, truncation=True, max_length=m.max_query_tokens)["input_ids"]
 
     def item_tokens(rows: Any) -> list[list[int]]:  # positives and hard negatives read alike
-        return tokenizer([m.item_prefix + items.texts[r] for r in rows], truncation=True, max_length=m.max_item_tokens)["input_ids"]
+        return item_token_ids([items.texts[r] for r in rows], tokenizer, m)
 
     d = item_tokens(pos)
     extra: dict[str, Any] = {}
@@ -100,15 +106,15 @@ def _pad(rows: Any, fill: int) -> torch.Tensor:
     return torch.as_tensor(out)
 
 
-def _pad_tokens(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_tokens(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged token ids -> (ids, attention mask), both (len(rows), longest)."""
     return _pad(rows, pad_id), _pad([np.ones(len(r), dtype=np.int64) for r in rows], 0)
 
 
 def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     """Features (ragged token ids) -> padded tensors and masks for the towers and the loss."""
-    q_ids, q_mask = _pad_tokens(f["q_ids"], pad_id)
-    d_ids, d_mask = _pad_tokens(f["d_ids"], pad_id)
+    q_ids, q_mask = pad_tokens(f["q_ids"], pad_id)
+    d_ids, d_mask = pad_tokens(f["d_ids"], pad_id)
     out = {
         "q_ids": q_ids,
         "q_mask": q_mask,
@@ -123,7 +129,7 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     }
     if "h_ids" in f:
         flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
-        out["h_ids"], out["h_mask"] = _pad_tokens(flat, pad_id)
+        out["h_ids"], out["h_mask"] = pad_tokens(flat, pad_id)
         out["h_logq"] = torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in f["h_logq"]]))  # (batch, n)
     return out
 

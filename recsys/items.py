@@ -34,13 +34,10 @@ def read_items(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Table:
     file, local or in an object store. Refused, naming the file and the item, when it is missing,
     lacks `item_id` / `text`, or lists an item twice (every consumer keys by item id)."""
     fs, path = storage.filesystem(uri, storage_cfg)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        files = [uri]
-    else:
-        files = storage.list_files(uri, storage_cfg, ".parquet")
-    if not files:
+    one_file = fs.get_file_info(path).type == pafs.FileType.File
+    table = pq.read_table(path, filesystem=fs) if one_file else storage.read_parquet_dir(uri, storage_cfg)
+    if table is None:
         raise FileNotFoundError(f"no items table at {uri}: run the prepare job first (or point serve.items_uri at one)")
-    table = pa.concat_tables([pq.read_table(storage.filesystem(f, storage_cfg)[1], filesystem=fs) for f in files])
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ValueError(f"the items table at {uri} lacks the column(s) {missing}; it has {table.column_names}")

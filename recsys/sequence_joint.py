@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from recsys.config import ModelConfig, SequenceConfig
+from recsys.features import item_token_ids, pad_tokens
 from recsys.losses import full_softmax_loss
 from recsys.sequence import SequenceModel, SequenceTower
 
@@ -101,19 +102,12 @@ class ItemTokens:
     """Tokenised catalog texts, once: a step only pads the rows it needs."""
 
     def __init__(self, texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> None:
-        self.ids: list[list[int]] = tokenizer([mcfg.item_prefix + t for t in texts], truncation=True,
-                                              max_length=mcfg.max_item_tokens)["input_ids"]
+        self.ids = item_token_ids(texts, tokenizer, mcfg)  # as training's features tokenise items
         self.pad_id = int(tokenizer.pad_token_id or 0)
 
     def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(rows), longest) token ids and attention mask."""
-        width = max(len(self.ids[r]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(self.ids[r])] = torch.tensor(self.ids[r])
-            mask[i, : len(self.ids[r])] = 1
-        return ids, mask
+        return pad_tokens([self.ids[r] for r in rows], self.pad_id)
 
 
 @torch.no_grad()

@@ -133,6 +133,19 @@ def write_parquet(table: Any, uri: str, cfg: StorageConfig | None = None) -> Non
     pq.write_table(table, path, filesystem=fs)
 
 
+def read_parquet_dir(uri: str, cfg: StorageConfig | None = None) -> Any:
+    """Every parquet file under a directory URI (recursively, in name order) as one pyarrow
+    table; None when there is none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = list_files(uri, cfg, ".parquet")
+    if not files:
+        return None
+    fs, _ = filesystem(uri, cfg)
+    return pa.concat_tables([pq.read_table(filesystem(f, cfg)[1], filesystem=fs) for f in files])
+
+
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     fs, path = filesystem(uri, cfg)
     with fs.open_input_stream(path) as f:

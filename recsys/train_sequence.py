@@ -399,10 +399,12 @@ def run(cfg: Any) -> dict[str, Any]:
             if t is None or t.num_rows == 0:
                 raise FileNotFoundError(f"no next-item {split} examples under {paths.examples(cfg, 'next_item', split)}: run the prepare job first")
             data[split] = SequenceExamples.from_table(t, item_ids, scfg.max_len, where=f"next-item {split} examples")
+        item_encoder = None
         if scfg.joint_steps:  # the end-to-end stage starts from the item tower the frozen one read
             from recsys.model import build_two_tower
 
-            data["encoder"] = [ray.put(build_two_tower(cfg.model.model_copy(update={"name_or_path": str(local)})).state_dict())]
+            item_encoder = build_two_tower(cfg.model.model_copy(update={"name_or_path": str(local)}))
+            data["encoder"] = [ray.put(item_encoder.state_dict())]
             data["texts"] = items.column("text").to_pylist()
         data["id_of"] = id_vocabulary(data["train"], item_ids)
         data["fingerprint"] = fingerprint(scfg, cfg.model.item_id_embeddings, data["id_of"], item_model_id)
@@ -433,16 +435,15 @@ def run(cfg: Any) -> dict[str, Any]:
         tower.load_state_dict(state["best_tower"])
         # A checkpoint of an earlier run with joint steps, re-run with none, is the frozen stage's.
         joint = state.get("joint_state") if scfg.joint_steps else None
-        if joint is not None and joint["best_encoder"] is not None:
+        improved = joint is not None and joint["best_encoder"] is not None
+        if improved and item_encoder is not None:
             # The joint stage beat the frozen one: its encoder is the export's item tower now.
-            from recsys.model import _write_export, build_two_tower, load_tokenizer
+            from recsys.model import _write_export, load_tokenizer
 
             tower.load_state_dict(joint["best_tower"])
-            encoder = build_two_tower(cfg.model.model_copy(update={"name_or_path": str(local)}))
-            encoder.load_state_dict(joint["best_encoder"])
-            _write_export(encoder, load_tokenizer(cfg.model), cfg.model, redacted(cfg), local,
+            item_encoder.load_state_dict(joint["best_encoder"])
+            _write_export(item_encoder, load_tokenizer(cfg.model), cfg.model, redacted(cfg), local,
                           training={"sequence_joint_best_step": joint["history"]["best_step"]})
-        improved = joint is not None and joint["best_encoder"] is not None
         model_id = attach_sequence_tower(local, tower, state["id_of"],
                                          sequence_item_tower=f"{scfg.item_tower}+joint" if improved else scfg.item_tower,
                                          sequence_joint_best_step=joint["history"]["best_step"] if improved else 0)
