@@ -178,9 +178,14 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     offload_optimizer: bool = False
-    # Examples per worker per micro-step; global batch = batch_size * num_workers * grad_accum.
+    # Examples per worker per micro-step; global batch = rows_per_batch * num_workers * grad_accum.
     batch_size: PositiveInt = 16
     grad_accum: PositiveInt = 1
+    # Rows per worker in one contrastive batch (its softmax's negatives are every worker's
+    # rows), trained with a gradient cache in micro-batches of `batch_size` rows
+    # (recsys/train_step.py): activation memory follows batch_size, negatives follow this.
+    # A multiple of batch_size; 0 = one micro-batch is the contrastive batch (no cache).
+    contrastive_batch: int = Field(0, ge=0)
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -229,6 +234,25 @@ class TrainConfig(_Section):
     tokenize_cpus: float = Field(0.5, gt=0)
     run_name: str = Field("train", min_length=1)
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _contrastive_batch_of_micro_batches(self) -> TrainConfig:
+        if self.contrastive_batch and self.contrastive_batch % self.batch_size:
+            raise ValueError(
+                f"contrastive_batch ({self.contrastive_batch}) is split into micro-batches of batch_size "
+                f"({self.batch_size}) rows: make it a multiple of batch_size, or 0 to switch the gradient cache off"
+            )
+        return self
+
+    @property
+    def rows_per_batch(self) -> int:
+        """Rows per worker in one contrastive batch: one read from the stream, one loss."""
+        return self.contrastive_batch or self.batch_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Engine micro-steps per contrastive batch (the gradient cache's re-encodings)."""
+        return self.rows_per_batch // self.batch_size
 
     @model_validator(mode="after")
     def _memory_starts_in_the_run(self) -> TrainConfig:

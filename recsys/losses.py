@@ -178,8 +178,33 @@ class Memory:
         self.group_keys, self.logq = cut(self.group_keys, parts[3]), cut(self.logq, parts[4])
 
 
+class Temperature(nn.Module):
+    """The softmax temperature: learnt (log-parameterised) or fixed.
+
+    A module of its own so that ZeRO-3 fetches its parameter wherever it is read (the module's
+    forward hook), also outside the loss's forward: the gradient cache reads it between engine
+    calls and the training log reads it after the step. Shape (1,), not 0-d: DeepSpeed's initial
+    broadcast views every parameter as bytes, which a 0-d tensor refuses ("self.dim() cannot be
+    0"), so a learnt 0-d temperature failed every engine start."""
+
+    def __init__(self, value: float, learn: bool) -> None:
+        super().__init__()
+        log_t = torch.tensor([float(value)]).log()
+        if learn:
+            self.log_value = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_value", log_t)
+
+    @property
+    def learnt(self) -> bool:
+        return isinstance(self.log_value, nn.Parameter) and self.log_value.requires_grad
+
+    def forward(self) -> torch.Tensor:
+        return self.log_value.float().exp().clamp(min=1e-3, max=1.0).squeeze(0)  # ()
+
+
 class SampledSoftmaxLoss(nn.Module):
-    """The loss with its settings; a learnable temperature is log-parameterised."""
+    """The loss with its settings and its temperature (recsys.losses.Temperature)."""
 
     def __init__(
         self,
@@ -192,11 +217,7 @@ class SampledSoftmaxLoss(nn.Module):
         mask_same_group: bool = True,
     ) -> None:
         super().__init__()
-        log_t = torch.tensor(float(temperature)).log()
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t)
+        self.tau = Temperature(temperature, learn_temperature)
         self.gather = gather
         self.logq_correction = logq_correction
         self.mask_history = mask_history
@@ -205,7 +226,7 @@ class SampledSoftmaxLoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.float().exp().clamp(min=1e-3, max=1.0)
+        return self.tau()  # ()
 
     def forward(
         self,
@@ -220,11 +241,14 @@ class SampledSoftmaxLoss(nn.Module):
         hard_logq: torch.Tensor | None = None,
         group_keys: torch.Tensor | None = None,
         memory: Memory | None = None,
+        temperature: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`temperature`: a stand-in for the module's own (the gradient cache passes a detached
+        copy to take the loss's gradient w.r.t. it without touching the parameter)."""
         return sampled_softmax_loss(
             q,
             d,
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             weights=weights,
             item_keys=item_keys,
             dup_keys=dup_keys if self.mask_duplicates else None,

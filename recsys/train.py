@@ -31,41 +31,15 @@ from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
 from recsys.items import ItemTable
-from recsys.losses import Memory, SampledSoftmaxLoss
+from recsys.losses import SampledSoftmaxLoss
 from recsys.runtime import ensure_ray, print_progress
+from recsys.train_step import TrainStep, contrastive_step
 from recsys.validation import headline
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "recsys_state.json"
 DS_TAG = "ds"
-
-
-class TrainStep(nn.Module):
-    """Towers + loss in one module, so DeepSpeed owns every trainable parameter (incl. temperature)."""
-
-    def __init__(self, towers: nn.Module, loss: SampledSoftmaxLoss, memory_size: int = 0) -> None:
-        super().__init__()
-        self.towers = towers
-        self.loss = loss
-        # Cross-batch memory: filled from the first step, used as negatives once `use_memory`
-        # is set (the training loop sets it after train.memory_start_step).
-        self.memory = Memory(memory_size) if memory_size else None
-        self.use_memory = False
-
-    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        q, d = self.towers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"])  # (batch, dim) each
-        hard = None
-        if "h_ids" in b:
-            hard = self.towers.encode_item(b["h_ids"], b["h_mask"]).view(q.shape[0], -1, d.shape[-1])  # (batch, n, dim)
-        loss = self.loss(
-            q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
-            history_keys=b["history_keys"], group_keys=b.get("group_keys"), logq=b["logq"],
-            hard_negatives=hard, hard_logq=b.get("h_logq"), memory=self.memory if self.use_memory else None,
-        )
-        if self.memory is not None and self.training:
-            self.memory.add(d, b["item_keys"], b["dup_keys"], b["group_keys"], b["logq"])
-        return loss
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,7 +66,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        # A gradient-cached contrastive batch is several engine micro-steps (recsys.train_step).
+        "gradient_accumulation_steps": t.grad_accum * t.micro_batches,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -202,6 +177,8 @@ class _Meter:
     def row(self, step: int, engine: Any, module: TrainStep, world: int, **extra: Any) -> dict[str, Any]:
         """The row, with its collectives (every rank calls it at the same steps), then a restart."""
         now = time.perf_counter()
+        with torch.no_grad():  # read through the module (ZeRO-3 fetches it), no graph
+            temperature = float(module.loss.temperature)
         row = {
             "step": step,
             # One collective per logged row, not per micro-step.
@@ -209,7 +186,7 @@ class _Meter:
             "lr": float(engine.get_lr()[0]),
             "examples_per_s": self.examples / max(now - self.t_last, 1e-9),
             "data_wait_s": self.wait,
-            "temperature": float(module.loss.temperature.detach()),
+            "temperature": temperature,
             **extra,
             # Digest of every rank's examples since the last row: equal in a resumed and an
             # uninterrupted run when the data order is what resume assumes.
@@ -272,8 +249,8 @@ def _stream(shard: Any, t: Any, rank: int, world: int, skip: int) -> Iterator[tu
     while True:
         got_batch = False
         for batch in shard.iter_batches(
-            batch_size=t.batch_size, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=max(4 * t.batch_size, 256), local_shuffle_seed=t.seed + epoch,
+            batch_size=t.rows_per_batch, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=max(4 * t.rows_per_batch, 256), local_shuffle_seed=t.seed + epoch,
         ):
             got_batch = True
             if skip:
@@ -284,8 +261,8 @@ def _stream(shard: Any, t: Any, rank: int, world: int, skip: int) -> Iterator[tu
             yield epoch, batch
         if not got_batch:
             raise ValueError(
-                f"worker {rank} got no full batch of {t.batch_size} examples: too few training "
-                f"examples for {world} workers; lower train.batch_size or train.num_workers"
+                f"worker {rank} got no full batch of {t.rows_per_batch} examples: too few training "
+                f"examples for {world} workers; lower train.batch_size (train.contrastive_batch) or train.num_workers"
             )
         epoch += 1
 
@@ -378,12 +355,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         meter.add(tensors, time.perf_counter() - t_fetch)
 
         module.use_memory = engine.global_steps >= t.memory_start_step
-        loss = engine(b)
-        engine.backward(loss)
-        engine.step()
-        meter.losses.append(float(loss.detach().float()))
-        meter.examples += t.batch_size * world
-        if engine.micro_steps % t.grad_accum:  # mid-accumulation: no optimizer step yet
+        meter.losses.append(contrastive_step(engine, module, b, t.batch_size))
+        meter.examples += t.rows_per_batch * world
+        if engine.global_steps == step:  # mid-accumulation: no optimizer step yet
             continue
 
         step = engine.global_steps

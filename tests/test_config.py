@@ -94,7 +94,8 @@ def test_unknown_key_names_the_nearest_valid_one(tmp_path: Path) -> None:
     [("train.num_workers=0", "train.num_workers"), ("train.batch_size=0", "train.batch_size"),
      ("data.valid_fraction=1.5", "data.valid_fraction"), ("eval.ks=[0, 10]", r"eval.ks\[0\]"),
      ("train.zero_stage=two", "train.zero_stage"), ("serve.port=0", "serve.port"),
-     ("train.hard_negatives=20", "train: hard_negatives")],
+     ("train.hard_negatives=20", "train: hard_negatives"), ("train.contrastive_batch=20", "train: contrastive_batch .20. .* multiple of batch_size"),
+     ("train.contrastive_batch=-1", "train.contrastive_batch")],
 )
 def test_out_of_range_values_are_rejected(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):

@@ -20,7 +20,7 @@ def test_biases_layernorm_and_temperature_are_not_decayed(tiny_model: str) -> No
     assert set(by_id) == {id(p) for p in names.values()}  # every parameter in exactly one group
     assert sum(len(g["params"]) for g in groups) == len(names)
     for name, p in names.items():
-        no_decay = name.endswith(".bias") or "LayerNorm" in name or name == "loss.log_temperature"
+        no_decay = name.endswith(".bias") or "LayerNorm" in name or name == "loss.tau.log_value"
         assert by_id[id(p)] == (0.0 if no_decay else 0.01), name
     # One step with a zero gradient leaves the un-decayed parameters exactly where they were.
     opt = torch.optim.AdamW(groups, lr=0.1)
@@ -28,7 +28,7 @@ def test_biases_layernorm_and_temperature_are_not_decayed(tiny_model: str) -> No
     for p in names.values():
         p.grad = torch.zeros_like(p)
     opt.step()
-    assert torch.equal(names["loss.log_temperature"], before["loss.log_temperature"])
+    assert torch.equal(names["loss.tau.log_value"], before["loss.tau.log_value"])
     ln = next(n for n in names if "LayerNorm.weight" in n)
     assert torch.equal(names[ln], before[ln])
     w = next(n for n in names if n.endswith("query.weight"))

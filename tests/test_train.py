@@ -65,9 +65,10 @@ def test_two_workers_zero_stage_loss_goes_down_and_exports(prepared, stage, tmp_
 
     # ZeRO-3 also runs with tokenisation in the Ray Data pipeline (the other mode of feeding).
     tokenize_in = "pipeline" if stage == 3 else "worker"
-    # ZeRO-3 also mines a hard negative per example (its nested token lists cross Ray Data too).
+    # ZeRO-3 also mines a hard negative per example (its nested token lists cross Ray Data too),
+    # and trains its contrastive batches of 8 rows with the gradient cache, 4 rows per micro-batch.
     cfg = _cfg(prepared, zero_stage=stage, run_name=f"zero{stage}", max_steps=12, checkpoint_every=12, tokenize_in=tokenize_in,
-               hard_negatives=1 if stage == 3 else 0)
+               hard_negatives=1 if stage == 3 else 0, **({"batch_size": 4, "contrastive_batch": 8} if stage == 3 else {}))
     summary = train.run(cfg)
     rows = _metrics(cfg)
     assert [r["step"] for r in rows] == list(range(1, 13))
