@@ -187,6 +187,10 @@ class TrainConfig(_Section):
     # A multiple of batch_size; 0 = one micro-batch is the contrastive batch (no cache).
     contrastive_batch: int = Field(0, ge=0)
     lr: float = Field(5e-5, gt=0)
+    # The encoders' own dropout while fine-tuning (as transformers' Trainer and
+    # sentence-transformers train). false = the encoders in eval mode throughout, which is how
+    # every run before 2026-12-02 trained until its first validation (docs/DESIGN.md).
+    dropout: bool = True
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(10, ge=0)
     max_steps: PositiveInt = 100

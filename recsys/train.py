@@ -210,6 +210,7 @@ def _engine(cfg: Config) -> tuple[TrainStep, Any]:
         SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history,
                            t.mask_duplicates, t.mask_same_group),
         memory_size=t.memory_size,
+        dropout=t.dropout,
     )
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))

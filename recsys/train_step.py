@@ -45,7 +45,7 @@ class TrainStep(nn.Module):
     forward(b) is the batch's loss; forward(b, mode="embed") its embeddings; forward(b, grads=g)
     the gradient cache's surrogate for one micro-batch (see the module docstring)."""
 
-    def __init__(self, towers: nn.Module, loss: SampledSoftmaxLoss, memory_size: int = 0) -> None:
+    def __init__(self, towers: nn.Module, loss: SampledSoftmaxLoss, memory_size: int = 0, dropout: bool = True) -> None:
         super().__init__()
         self.towers = towers
         self.loss = loss
@@ -53,9 +53,21 @@ class TrainStep(nn.Module):
         # is set (the training loop sets it after train.memory_start_step).
         self.memory = Memory(memory_size) if memory_size else None
         self.use_memory = False
+        self.dropout = dropout
         # `from_pretrained` hands the encoders over in eval mode: without this the towers trained
         # with dropout off until the first validation's `towers.train()` switched it on.
         self.train()
+
+    def train(self, mode: bool = True) -> TrainStep:
+        """Training mode; with dropout off (train.dropout=false) the encoders stay in eval mode."""
+        super().train(mode)
+        if mode and not self.dropout:
+            from transformers import PreTrainedModel
+
+            for child in self.towers.modules():
+                if isinstance(child, PreTrainedModel):
+                    child.eval()
+        return self
 
     def embed(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         q, d = self.towers(b["q_ids"], b["q_mask"], b["d_ids"], b["d_mask"])  # (batch, dim) each

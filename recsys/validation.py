@@ -85,9 +85,11 @@ class Validator:
 
     @torch.no_grad()
     def score(self, towers: torch.nn.Module, tokenizer: Any, device: Any) -> dict[str, float]:
-        """`valid/<task>/<metric>@<k>` for the towers as they are now (left in training mode)."""
+        """`valid/<task>/<metric>@<k>` for the towers as they are now (each module left in its mode)."""
         m = self.cfg.model
-        was_training = towers.training
+        # Every submodule's own mode back afterwards, not towers.train(): that would switch on
+        # dropout that training keeps off (train.dropout=false).
+        modes = [(mod, mod.training) for mod in towers.modules()]
         towers.eval()
         try:
             item_emb = self._encode(towers.encode_item, tokenizer, self.item_texts, m.max_item_tokens, device)  # (items, dim)
@@ -99,5 +101,6 @@ class Validator:
                 ranked = [[self.item_ids[j] for j in top] for top, _ in retrieval.search(item_emb, q_emb, max(self.ks), None, ex_rows)]
                 out.update(average(per_query_metrics(ranked, relevant, self.ks), f"valid/{kind}"))
         finally:
-            towers.train(was_training)
+            for mod, mode in modes:
+                mod.training = mode
         return out

@@ -129,3 +129,23 @@ def test_the_gradient_cache_update_equals_the_one_graph_update_under_zero_2_and_
         assert err <= TOLERANCE * scale, f"ZeRO-{stage}, {world} worker(s): max |diff| {err:.3g} vs max |change| {scale:.3g}"
         assert found[(stage, True, "temperature")] == pytest.approx(found[(stage, False, "temperature")], rel=1e-5, abs=1e-7)
         assert found[(stage, True, "temperature")] != pytest.approx(0.1, abs=1e-7), "the temperature got no gradient"
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_the_encoders_train_with_dropout_unless_it_is_switched_off(dropout, tiny_model) -> None:
+    from recsys.config import ModelConfig
+    from recsys.losses import SampledSoftmaxLoss
+    from recsys.model import build_two_tower
+    from recsys.train_step import TrainStep
+
+    step = TrainStep(build_two_tower(ModelConfig(name_or_path=tiny_model)), SampledSoftmaxLoss(gather=False), dropout=dropout)
+    ids = torch.randint(1000, 2000, (4, 8))
+    mask = torch.ones_like(ids)
+    for _ in range(2):  # also after an evaluation's eval() / train() round trip
+        assert step.towers.query_encoder.training is dropout
+        torch.manual_seed(0)
+        a = step.towers.encode_query(ids, mask)
+        b = step.towers.encode_query(ids, mask)
+        assert torch.equal(a, b) is not dropout  # dropout on: two passes differ
+        step.eval()
+        step.train()
