@@ -19,7 +19,7 @@ log = logging.getLogger("jobs")
 
 OVERRIDES_HELP = textwrap.fill(
     "Any config field can be overridden as section.key=value (sections: storage, data, model, "
-    "train, eval, serve, recommend; fields and defaults: recsys/config.py). Text fields take the value "
+    "train, pretrain, eval, serve, recommend; fields and defaults: recsys/config.py). Text fields take the value "
     "verbatim (model.query_prefix='query: '); numbers, booleans, lists and mappings are read as "
     "YAML (eval.ks=[10,50], train.worker_resources={train: 1}). Unknown keys and out-of-range "
     "values stop the job with the key and the nearest valid name.",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 # Only the order stages are listed in (the flow of a run); which stages exist comes from jobs/.
-_FLOW = ("prepare", "train", "evaluate", "index", "recommend", "deploy", "pipeline", "demo")
+_FLOW = ("prepare", "pretrain", "train", "evaluate", "index", "recommend", "deploy", "pipeline", "demo")
 
 
 def stages() -> dict[str, str]:

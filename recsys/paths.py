@@ -14,6 +14,7 @@
     <root>/<run>/index/                              retrieval index over the catalog embeddings
     <root>/<run>/eval/report.{json,md,png}           evaluation report
     <root>/<run>/recommendations/*.parquet           batch top-k per user / request (jobs.recommend)
+    <root>/<pretrain.run_name>/model/                 the MLM-adapted encoder (jobs.pretrain)
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def index_dir(cfg: Config) -> str:
 
 def eval_dir(cfg: Config) -> str:
     return join(run_dir(cfg), "eval")
+
+
+def pretrain_dir(cfg: Config) -> str:
+    """Domain-adaptive pretraining's run (checkpoints, metrics.jsonl): <root>/<pretrain.run_name>."""
+    return join(cfg.storage.root, cfg.pretrain.run_name)
+
+
+def pretrained(cfg: Config) -> str:
+    """The adapted encoder jobs.pretrain writes (HF model without MLM head + tokenizer), which
+    the train stage reads as model.name_or_path."""
+    return cfg.pretrain.output_uri or join(pretrain_dir(cfg), "model")
 
 
 def recommendations(cfg: Config) -> str:

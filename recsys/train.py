@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys import paths, storage
+from recsys import memory_plan, paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
 from recsys.items import ItemTable
@@ -51,10 +51,13 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         if p.requires_grad:
             shape = getattr(p, "ds_shape", p.shape)  # full shape, also under zero.Init partitioning
             (decay if len(shape) >= 2 else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # No empty group (LoRA + projection: every trainable tensor is a matrix): ZeRO-3 drops it
+    # from the optimizer, and the LR scheduler built over both groups then fails at its first step.
+    return [g for g in groups if g["params"]]
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -197,16 +200,50 @@ class _Meter:
         return row
 
 
+@contextlib.contextmanager
+def _zero3_construction(cfg: Config) -> Iterator[None]:
+    """Under ZeRO-3, models built inside are partitioned while they are built: transformers'
+    `from_pretrained` runs under `deepspeed.zero.Init` and loads each weight straight into its
+    partitions (HfDeepSpeedConfig / is_deepspeed_zero3_enabled), so no rank ever holds a full
+    copy of the weights. Other stages: a no-op (every rank holds the model anyway)."""
+    if cfg.train.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # zero.Init starts DeepSpeed's comm backend, which otherwise JIT-builds (and waits on a file
+    # lock for) a shared-memory op used only for inference, as deepspeed.initialize would.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    keep = HfDeepSpeedConfig(deepspeed_config(cfg))  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        # Models built later in this process (the export's plain copy on rank 0 alone) must not
+        # be partitioned: zero.Init is collective.
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def build_towers(cfg: Config) -> nn.Module:
+    """The two towers as training builds them (partitioned at construction under ZeRO-3)."""
+    from recsys.model import build_two_tower
+
+    if cfg.model.attn_implementation == "flash_attention_2" and not cfg.train.use_gpu:
+        raise ValueError("model.attn_implementation=flash_attention_2 needs train.use_gpu=true (flash-attn runs on CUDA only); use sdpa on CPU")
+    with _zero3_construction(cfg):
+        return build_two_tower(cfg.model)
+
+
 def _engine(cfg: Config) -> tuple[TrainStep, Any]:
     """The towers and the loss in one module, wrapped by a DeepSpeed engine (torch AdamW, linear
-    warm-up and decay)."""
+    warm-up and decay). Only parameters that require gradients get optimizer states (with LoRA:
+    the adapters, the projection and a learnt temperature; `param_groups`)."""
     import deepspeed
-
-    from recsys.model import build_two_tower
 
     t = cfg.train
     module = TrainStep(
-        build_two_tower(cfg.model),
+        build_towers(cfg),
         SampledSoftmaxLoss(t.temperature, t.learn_temperature, t.gather_negatives, t.logq_correction, t.mask_history,
                            t.mask_duplicates, t.mask_same_group),
         memory_size=t.memory_size,
@@ -351,7 +388,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # The first batch after a resume's skip: examples/s and data wait exclude the skip.
             meter.restart()
             t_fetch = time.perf_counter()
-        tensors = to_tensors(batch, pad_id) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives)
+        tensors = to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives)
         b = {k: v.to(engine.device) for k, v in tensors.items()}
         meter.add(tensors, time.perf_counter() - t_fetch)
 
@@ -413,9 +450,46 @@ def run(cfg: Config) -> dict[str, Any]:
     return {**train_sequence.run(cfg), **({"text_stage": text} if text else {})}
 
 
+def _train_dataset(cfg: Config, read_args: dict[str, Any] | None = None,
+                   featurize_args: dict[str, Any] | None = None) -> Any:
+    """The training examples as the workers' `train` dataset: the task's example shards read with
+    Ray Data, globally shuffled (train.shuffle=global), tokenised by a Featurize actor pool when
+    train.tokenize_in=pipeline. Ray must be up. `read_args` / `featurize_args` are merged into
+    read_parquet's / map_batches' arguments (bench.train_ingest tunes them; training passes none)."""
+    import ray.data
+
+    kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
+    files: list[str] = []
+    for kind in kinds:
+        files += storage.list_files(paths.examples(cfg, kind, "train"), cfg.storage, ".parquet")
+    if not files:
+        raise FileNotFoundError(
+            f"no training examples for task {cfg.train.task!r} under {storage.join(paths.data_dir(cfg), 'examples')}; "
+            "run the prepare job first (python -m jobs.prepare)"
+        )
+    fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
+    ds = ray.data.read_parquet([storage.filesystem(f, cfg.storage)[1] for f in files], **({"filesystem": fs} | (read_args or {})))
+    # Examples are written grouped by user (prepare's groupby), and a local shuffle buffer alone
+    # would leave one user's or one query's rows side by side in a batch. A seeded global
+    # shuffle spreads them, the same permutation in every epoch and attempt (the worker's
+    # buffer, seeded by epoch, varies the order between epochs).
+    if cfg.train.shuffle == "global":
+        ds = ds.random_shuffle(seed=cfg.train.seed)
+    if cfg.train.tokenize_in == "pipeline":
+        # Tokenise in a Ray Data actor pool, streaming ahead of the workers (CPU work off the
+        # training processes: on GPU nodes it overlaps with the GPU's step).
+        ds = ds.map_batches(Featurize, **{
+            "fn_constructor_kwargs": {"cfg_dict": to_dict(cfg)},
+            "batch_format": "numpy",
+            "batch_size": max(64, cfg.train.batch_size),
+            "compute": ray.data.ActorPoolStrategy(size=max(1, cfg.train.tokenize_actors)),
+            "num_cpus": cfg.train.tokenize_cpus,
+        } | (featurize_args or {}))
+    return ds
+
+
 def run_text(cfg: Config) -> dict[str, Any]:
     """Fine-tune on the prepared examples; returns the final metrics and the export location."""
-    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -427,35 +501,11 @@ def run_text(cfg: Config) -> dict[str, Any]:
             f"train.hard_negatives={cfg.train.hard_negatives}, train.hard_negative_pool={cfg.train.hard_negative_pool}: "
             "need 0 <= hard_negatives <= hard_negative_pool"
         )
+    # Before anything starts: the per-device memory plan, printed, and a run that cannot fit
+    # refused with the settings that would make it fit (train.memory_check).
+    memory_plan.check(cfg)
     ensure_ray(cfg=cfg)
-    kinds = ["next_item", "search"] if cfg.train.task == "both" else [cfg.train.task]
-    files: list[str] = []
-    for kind in kinds:
-        files += storage.list_files(paths.examples(cfg, kind, "train"), cfg.storage, ".parquet")
-    if not files:
-        raise FileNotFoundError(
-            f"no training examples for task {cfg.train.task!r} under {storage.join(paths.data_dir(cfg), 'examples')}; "
-            "run the prepare job first (python -m jobs.prepare)"
-        )
-    fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
-    ds = ray.data.read_parquet([storage.filesystem(f, cfg.storage)[1] for f in files], filesystem=fs)
-    # Examples are written grouped by user (prepare's groupby), and a local shuffle buffer alone
-    # would leave one user's or one query's rows side by side in a batch. A seeded global
-    # shuffle spreads them, the same permutation in every epoch and attempt (the worker's
-    # buffer, seeded by epoch, varies the order between epochs).
-    if cfg.train.shuffle == "global":
-        ds = ds.random_shuffle(seed=cfg.train.seed)
-    if cfg.train.tokenize_in == "pipeline":
-        # Tokenise in a Ray Data actor pool, streaming ahead of the workers (CPU work off the
-        # training processes: on GPU nodes it overlaps with the GPU's step).
-        ds = ds.map_batches(
-            Featurize,
-            fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
-            batch_format="numpy",
-            batch_size=max(64, cfg.train.batch_size),
-            compute=ray.data.ActorPoolStrategy(size=max(1, cfg.train.tokenize_actors)),
-            num_cpus=cfg.train.tokenize_cpus,
-        )
+    ds = _train_dataset(cfg)
     train_fs, storage_path = storage.train_filesystem(cfg.storage.root, cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,

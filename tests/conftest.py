@@ -72,6 +72,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny randomly initialised Qwen2-architecture decoder (a decoder-style tokenizer
+    over the MiniLM vocabulary: no pad token, no EOS added; see recsys.encoder.make_tiny_decoder)."""
+    from recsys.encoder import make_tiny_decoder
+
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder") / "qwen2")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
