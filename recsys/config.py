@@ -225,7 +225,8 @@ class TrainConfig(_Section):
     lr: float = Field(5e-5, gt=0)
     # The encoders' own dropout while fine-tuning (as transformers' Trainer and
     # sentence-transformers train). false = the encoders in eval mode throughout, which is how
-    # every run before 2026-12-02 trained until its first validation (docs/DESIGN.md).
+    # every run before 2026-12-02 trained until its first validation (docs/DESIGN.md); LoRA's
+    # dropout is off then too.
     dropout: bool = True
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -610,6 +611,11 @@ class Config(_Section):
         if self.model.user_tower == "sequence" and self.sequence.item_tower == "base" and self.model.projection_dim:
             raise ValueError(f"sequence.item_tower=base reads the pretrained encoder, which has no trained projection "
                              f"(model.projection_dim={self.model.projection_dim}): set projection_dim=0 or item_tower=fine_tuned")
+        if not self.train.dropout and self.model.gradient_checkpointing:
+            # dropout=false keeps the encoders in eval mode, and transformers checkpoints only in
+            # training mode: the run would silently hold every activation the plan left out.
+            raise ValueError("train.dropout=false keeps the encoders in eval mode, where transformers does not checkpoint: "
+                             "model.gradient_checkpointing=true would be silently off; drop one of the two")
         return self
 
 

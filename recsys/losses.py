@@ -203,6 +203,14 @@ class Temperature(nn.Module):
         return self.log_value.float().exp().clamp(min=1e-3, max=1.0).squeeze(0)  # ()
 
 
+def _old_temperature_key(state: dict, prefix: str, *_: object) -> None:
+    """Checkpoints from before 2026-12-02 hold the temperature as a 0-d `log_temperature`: read
+    it as `tau.log_value` (shape (1,)), so such a run still resumes."""
+    old = state.pop(prefix + "log_temperature", None)
+    if old is not None:
+        state[prefix + "tau.log_value"] = old.reshape(1)
+
+
 class SampledSoftmaxLoss(nn.Module):
     """The loss with its settings and its temperature (recsys.losses.Temperature)."""
 
@@ -218,6 +226,7 @@ class SampledSoftmaxLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.tau = Temperature(temperature, learn_temperature)
+        self._register_load_state_dict_pre_hook(_old_temperature_key)
         self.gather = gather
         self.logq_correction = logq_correction
         self.mask_history = mask_history

@@ -649,7 +649,12 @@ def check(cfg: Any, arch: Arch | None = None) -> MemoryPlan | None:
     mode = getattr(cfg.train, "memory_check", "refuse")
     if mode == "off":
         return None
-    s = settings_of(cfg, arch)
+    try:
+        s = settings_of(cfg, arch)
+    except Exception as e:  # noqa: BLE001 - a model the plan cannot read (offline driver, remote code) still trains
+        log.warning("memory plan: could not read the shape of model.name_or_path=%r (%s: %s); the run is not checked",
+                    cfg.model.name_or_path, type(e).__name__, e)
+        return None
     result = _plan(s)
     log.info("%s", result.table())
     if result.fits is None:

@@ -294,7 +294,7 @@ def _stream(shard: Any, t: Any, rank: int, world: int, skip: int) -> Iterator[tu
             if skip:
                 skip -= 1
                 if not skip and rank == 0:
-                    log.info("resume: skipped %d consumed micro-batches in %.1fs", skipped, time.perf_counter() - t0)
+                    log.info("resume: skipped %d consumed batches in %.1fs", skipped, time.perf_counter() - t0)
                 continue
             yield epoch, batch
         if not got_batch:
@@ -403,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
         if not (step % t.log_every == 0 or checkpoint_now or evaluate_now):
             continue
-        # start_step > 0: this attempt resumed from a checkpoint; skipped_batches: micro-batches
+        # start_step > 0: this attempt resumed from a checkpoint; skipped_batches: (contrastive) batches
         # per worker walked past on resume.
         row = meter.row(step, engine, module, world, epoch=epoch, start_step=start_step, skipped_batches=skipped)
         improved = False

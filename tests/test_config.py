@@ -157,3 +157,8 @@ def test_a_saved_config_with_a_removed_key_still_loads(tmp_path, caplog) -> None
     f.write_text("train:\n  crash_at_stepp: 0\n")
     with pytest.raises(Exception, match="crash_at_stepp"):
         load_config(f)  # any other unknown key is still an error
+
+
+def test_dropout_off_with_gradient_checkpointing_is_refused() -> None:
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(None, ["train.dropout=false", "model.gradient_checkpointing=true"])

@@ -246,3 +246,9 @@ def test_train_step_fills_its_memory_and_uses_it_once_switched_on() -> None:
     step.use_memory = True
     with_self = run(b)
     assert with_self > plain + 1e-3 and with_self < run(other)
+
+
+def test_a_checkpoint_with_the_old_0d_temperature_still_loads() -> None:
+    loss = SampledSoftmaxLoss(temperature=0.05, learn_temperature=True)
+    loss.load_state_dict({"log_temperature": torch.tensor(0.2).log()})  # the pre-2026-12-02 layout
+    assert loss.temperature.item() == pytest.approx(0.2)

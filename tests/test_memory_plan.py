@@ -294,3 +294,11 @@ def test_host_ram_is_shared_by_the_workers():
     one = mp.device_memory(load_config(None, ["train.num_workers=1"]))[0]
     two = mp.device_memory(load_config(None, ["train.num_workers=2"]))[0]
     assert one and two and abs(one / 2 - two) <= 1
+
+
+def test_a_model_the_plan_cannot_read_is_not_checked_but_launches(caplog, tmp_path):
+    cfg = _cfg()
+    cfg.model.name_or_path = str(tmp_path / "no-such-model")
+    with caplog.at_level(logging.WARNING, logger="recsys.memory_plan"):
+        assert mp.check(cfg) is None
+    assert any("could not read" in r.getMessage() for r in caplog.records)
