@@ -40,6 +40,15 @@ import torch
 
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
+from recsys.train import (
+    _global_mean,
+    _ingest_options,
+    _lr_lambda,
+    _read_metrics,
+    _write_metrics,
+    deepspeed_config,
+    param_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,19 +131,8 @@ def build_corpus(cfg: Config) -> tuple[Any, dict[str, int]]:
     return corpus.random_shuffle(seed=cfg.pretrain.seed), counts
 
 
-def _lr_lambda(warmup: int, total: int):  # noqa: ANN202
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
-
-
 def _ds_config(cfg: Config) -> dict[str, Any]:
     """train's DeepSpeed config (ZeRO stage, precision, offload) at pretrain's batch size."""
-    from recsys.train import deepspeed_config
-
     t = cfg.train.model_copy(update={"batch_size": cfg.pretrain.batch_size, "grad_accum": 1, "contrastive_batch": 0})
     return deepspeed_config(cfg.model_copy(update={"train": t}))
 
@@ -195,25 +193,12 @@ def _stream(shard: Any, cfg: Config, rank: int, world: int, skip: int) -> Iterat
         epoch += 1
 
 
-def _global_mean(value: float, world: int, device: Any) -> float:
-    t = torch.tensor(value, dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(t)
-        t /= world
-    return float(t)
-
-
-def _write_metrics(cfg: Config, rows: list[dict[str, Any]]) -> None:
-    body = "".join(json.dumps(r) + "\n" for r in rows)
-    storage.write_bytes(storage.join(paths.pretrain_dir(cfg), "metrics.jsonl"), body.encode(), cfg.storage)
+def _metrics_uri(cfg: Config) -> str:
+    return storage.join(paths.pretrain_dir(cfg), "metrics.jsonl")
 
 
 def read_metrics(cfg: Config) -> list[dict[str, Any]]:
-    try:
-        text = storage.read_bytes(storage.join(paths.pretrain_dir(cfg), "metrics.jsonl"), cfg.storage).decode()
-    except (FileNotFoundError, OSError):
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return _read_metrics(cfg, _metrics_uri(cfg))
 
 
 def _export(engine: Any, module: Any, tokenizer: Any, cfg: Config, rank: int, meta: dict[str, Any]) -> str:
@@ -245,7 +230,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from recsys.model import load_tokenizer
     from recsys.runtime import print_progress
-    from recsys.train import param_groups
 
     cfg = config_from_dict(config["cfg"])
     p = cfg.pretrain
@@ -316,7 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         losses, tokens, masked, t_last, wait = [], 0, 0, now, 0.0
         if rank == 0:
             rows.append(row)
-            _write_metrics(cfg, rows)
+            _write_metrics(cfg, rows, _metrics_uri(cfg))
             log.info("pretrain step %d/%d MLM loss %.4f lr %.2e %.2fs/step", step, p.steps, row["loss"], row["lr"], row["step_s"])
         if checkpoint_now:
             with tempfile.TemporaryDirectory() as tmp:
@@ -348,7 +332,6 @@ def run(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from recsys.runtime import ensure_ray
-    from recsys.train import _ingest_options
 
     t0 = time.perf_counter()
     ensure_ray(cfg=cfg)

@@ -117,14 +117,15 @@ def _all_ranks_digest(digest: bytes, device: Any) -> str:
     return hashlib.blake2b(torch.cat(parts).cpu().numpy().tobytes(), digest_size=8).hexdigest()
 
 
-def _write_metrics(cfg: Config, rows: list[dict[str, Any]]) -> None:
+def _write_metrics(cfg: Config, rows: list[dict[str, Any]], uri: str | None = None) -> None:
+    """Rank 0's metric rows as JSONL at `uri` (default: the train run's metrics file)."""
     body = "".join(json.dumps(r) + "\n" for r in rows)
-    storage.write_bytes(paths.metrics_file(cfg), body.encode(), cfg.storage)
+    storage.write_bytes(uri or paths.metrics_file(cfg), body.encode(), cfg.storage)
 
 
-def _read_metrics(cfg: Config) -> list[dict[str, Any]]:
+def _read_metrics(cfg: Config, uri: str | None = None) -> list[dict[str, Any]]:
     try:
-        text = storage.read_bytes(paths.metrics_file(cfg), cfg.storage).decode()
+        text = storage.read_bytes(uri or paths.metrics_file(cfg), cfg.storage).decode()
     except (FileNotFoundError, OSError):
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
