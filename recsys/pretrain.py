@@ -27,6 +27,7 @@ the train stage reads as `model.name_or_path` (jobs.pipeline chains it when pret
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import tempfile
@@ -41,6 +42,7 @@ import torch
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.train import (
+    _all_ranks_digest,
     _global_mean,
     _ingest_options,
     _lr_lambda,
@@ -94,7 +96,7 @@ class _HistoryTexts:
 
 
 def build_corpus(cfg: Config) -> tuple[Any, dict[str, int]]:
-    """(Ray dataset of one `text` column, rows per source), seeded-shuffled."""
+    """(Ray dataset of one `text` column, rows per source), in a seeded order (`_seeded_order`)."""
     import ray.data
 
     fs, _ = storage.filesystem(cfg.storage.root, cfg.storage)
@@ -128,7 +130,28 @@ def build_corpus(cfg: Config) -> tuple[Any, dict[str, int]]:
     if not parts:
         raise ValueError(f"pretrain.sources {cfg.pretrain.sources}: no text at all in the prepared data under {paths.data_dir(cfg)}")
     corpus = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return corpus.random_shuffle(seed=cfg.pretrain.seed), counts
+    return _seeded_order(corpus, cfg.pretrain.seed, sum(counts.values()), cfg.pretrain.num_workers), counts
+
+
+def _text_keys(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    texts = batch["text"]
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}\x00{t}".encode(), digest_size=8).digest(), "little") for t in texts),
+                       dtype=np.uint64, count=len(texts))
+    return {"text": texts, "_order": keys}
+
+
+def _seeded_order(corpus: Any, seed: int, rows: int, workers: int) -> Any:
+    """The corpus in an order that depends on the seed and the texts alone.
+
+    random_shuffle(seed) is reproducible only over the same blocks in the same order, and the
+    groupby (distinct queries) and the history actors hand blocks back in completion order. A
+    sort by a seeded hash of the text is a uniform shuffle that ignores the blocks; the
+    repartition then cuts it at fixed row counts, so the trainer's streaming split deals the
+    same rows to the same rank in every run, and a resumed run skips exactly what it consumed.
+    Equal texts tie, and they are the same row."""
+    blocks = max(2 * workers, -(-rows // 20_000))
+    return (corpus.map_batches(_text_keys, fn_kwargs={"seed": seed}, batch_format="numpy")
+            .sort("_order").repartition(blocks, shuffle=False).drop_columns(["_order"]))
 
 
 def _ds_config(cfg: Config) -> dict[str, Any]:
@@ -176,7 +199,7 @@ class _Masker:
 
 def _stream(shard: Any, cfg: Config, rank: int, world: int, skip: int) -> Iterator[list[str]]:
     """Batches of texts for ever, epoch after epoch, after walking past `skip` consumed batches
-    (the order is deterministic: seeded global shuffle, order-preserving split, seeded buffer)."""
+    (the order is deterministic: the seeded corpus order, an order-preserving split, a seeded buffer)."""
     p, epoch = cfg.pretrain, 0
     while True:
         got = False
@@ -268,6 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = _stream(ray.train.get_dataset_shard("train"), cfg, rank, world, skip=start)
     losses: list[float] = []
     tokens = masked = 0
+    seen = hashlib.blake2b(digest_size=8)
     tokens_total = rows[-1]["tokens_total"] if rows else 0
     t_last, wait = time.perf_counter(), 0.0
     summary: dict[str, Any] = {}
@@ -276,6 +300,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         texts = next(stream)
         batch = {k: v.to(engine.device) for k, v in masker(texts, seed=p.seed + 1_000_003 * step + rank).items()}
         wait += time.perf_counter() - t_fetch
+        seen.update("\x00".join(texts).encode())
+        # Dropout's stream per (step, rank), as the masks': a resumed run draws what an
+        # uninterrupted one draws at the same step (DeepSpeed's checkpoint holds no RNG state).
+        torch.manual_seed(p.seed + 1_000_003 * step + rank)
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
@@ -296,8 +324,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step": step, "loss": _global_mean(float(np.mean(losses)), world, engine.device), "lr": float(engine.get_lr()[0]),
             "tokens": int(t[0]), "masked_tokens": int(t[1]), "tokens_total": tokens_total,
             "step_s": (now - t_last) / max(1, len(losses)), "data_wait_s": wait, "start_step": start,
+            # Every rank's texts since the last row: equal in a resumed and an uninterrupted run.
+            "batch_hash": _all_ranks_digest(seen.digest(), engine.device),
         }
         losses, tokens, masked, t_last, wait = [], 0, 0, now, 0.0
+        seen = hashlib.blake2b(digest_size=8)
         if rank == 0:
             rows.append(row)
             _write_metrics(cfg, rows, _metrics_uri(cfg))

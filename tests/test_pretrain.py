@@ -93,11 +93,16 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_step_count(prepar
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["start_step"] for r in rows] == [0, 0, 0, 0, 4, 4]
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
-    # A resumed run masks and reads as an uninterrupted one: the same losses at steps 5 and 6.
+    # A resumed run reads what an uninterrupted one reads, at every step (the corpus order is a
+    # seeded hash of the texts, not Ray's block completion order)...
     ref_cfg = _cfg(prepared, steps=6, checkpoint_every=6, run_name="mlm-resume-ref")
     pretrain.run(ref_cfg)
     ref = pretrain.read_metrics(ref_cfg)
-    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-4)
+    assert [r["batch_hash"] for r in rows] == [r["batch_hash"] for r in ref], "the same texts at every step"
+    assert len({r["batch_hash"] for r in ref}) == 6
+    # ... and masks, dropout and initialisation are seeded: the same losses while the two budgets'
+    # learning rates agree (steps 1-3; from the third update on, a 4-step budget decays faster).
+    np.testing.assert_allclose([r["loss"] for r in rows[:3]], [r["loss"] for r in ref[:3]], rtol=1e-5)
 
 
 @pytest.mark.ray
