@@ -750,7 +750,10 @@ class TextEncoder:
         i_path = str(Path(path) / "item") if separate else path
         # An export's tokenizer was saved prepared (pad token, side, EOS); a base model's is
         # prepared here exactly as training prepared it (recsys.model.load_tokenizer).
-        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(q_path), self.pooling, padding_side)
+        # An export's side is the one it was trained with (its RECSYS_META); "auto" would pick
+        # left for last-token pooling even where training padded right.
+        side = meta.get("padding_side", padding_side) if padding_side == "auto" else padding_side
+        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(q_path), self.pooling, side)
         self.onnx_files: dict[str, Path] = {}
         if self.backend == "torch":
             self.query_model: Any = load_hf_encoder(q_path, dtype).to(self.device).eval()

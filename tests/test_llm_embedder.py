@@ -205,6 +205,25 @@ def test_lora_export_merged_and_adapter_open_alike(tiny_decoder, tmp_path) -> No
         TextEncoder(str(out), backend="onnx", onnx_dir=tmp_path / "onnx")
 
 
+def test_an_export_is_read_with_the_padding_side_it_was_trained_with(tiny_decoder, tmp_path) -> None:
+    """model.padding_side=right with last-token pooling (allowed, and pooling reads the last real
+    token either way): reopening the export must not fall back to "auto" (left)."""
+    from recsys.encoder import RECSYS_META, TextEncoder
+    from recsys.model import build_two_tower, export_model, load_tokenizer
+
+    for side in ("right", "left"):
+        mcfg = _mcfg(tiny_decoder, padding_side=side)
+        tok = load_tokenizer(mcfg)
+        assert tok.padding_side == side
+        out = tmp_path / side
+        export_model(build_two_tower(mcfg).eval(), tok, mcfg, {}, out)
+        assert json.loads((out / RECSYS_META).read_text())["padding_side"] == side
+        assert TextEncoder(str(out)).tokenizer.padding_side == side
+        # An explicit side given when opening still wins over the export's.
+        other = "left" if side == "right" else "right"
+        assert TextEncoder(str(out), padding_side=other).tokenizer.padding_side == other
+
+
 # ---------------------------------------------------------------------------------------------
 # ZeRO-3: built inside zero.Init, no rank holds the full weights (2 processes, gloo, no Ray)
 
