@@ -42,6 +42,12 @@ def chain_pretrained(cfg: Config) -> Config:
     if not storage.exists(storage.join(out, META_FILE), cfg.storage):
         raise FileNotFoundError(f"pretrain.enabled=true but there is no adapted encoder at {out}: run the pretrain stage "
                                 "first (--stages pretrain,...) or set pretrain.enabled=false")
+    made_from = storage.read_json(storage.join(out, META_FILE), cfg.storage).get("base_model")
+    if made_from != cfg.model.name_or_path:
+        # An adapted encoder left by an earlier run with another base model: training on it
+        # would silently fine-tune a model other than the one configured.
+        raise ValueError(f"pretrain.enabled=true: the adapted encoder at {out} was pretrained from {made_from!r}, not "
+                         f"model.name_or_path={cfg.model.name_or_path!r}; rerun the pretrain stage or set another pretrain.run_name")
     log.info("pretrain.enabled: later stages read the adapted encoder %s as model.name_or_path (was %s)", out, cfg.model.name_or_path)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": out})})
 

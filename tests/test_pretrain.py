@@ -129,6 +129,19 @@ def test_the_pipeline_refuses_to_chain_a_missing_pretrained_encoder(tmp_path) ->
     assert "pretrain" not in default_stages(load_config(None, []))
 
 
+def test_the_pipeline_refuses_an_adapted_encoder_made_from_another_base_model(tmp_path) -> None:
+    from jobs.pipeline import chain_pretrained
+    from recsys.pretrain import META_FILE
+
+    cfg = load_config(None, [f"storage.root={tmp_path}", "pretrain.enabled=true", "model.name_or_path=bundled"])
+    meta = storage.join(paths.pretrained(cfg), META_FILE)
+    storage.write_bytes(meta, json.dumps({"base_model": "bert-base-uncased"}).encode(), cfg.storage)
+    with pytest.raises(ValueError, match=r"pretrained from 'bert-base-uncased', not model.name_or_path='bundled'"):
+        chain_pretrained(cfg)
+    storage.write_bytes(meta, json.dumps({"base_model": "bundled"}).encode(), cfg.storage)
+    assert chain_pretrained(cfg).model.name_or_path == paths.pretrained(cfg)
+
+
 def test_masks_are_seeded_and_follow_mlm_probability(tiny_model) -> None:
     from transformers import AutoTokenizer
 
