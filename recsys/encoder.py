@@ -275,12 +275,17 @@ def make_tiny_decoder(path: str | Path, arch: str = "qwen2", seed: int = 0, hidd
     return str(path)
 
 
+_REMOTE_SOURCE = ".recsys_source"  # in a local copy of a remote model: the URI it was copied from
+
+
 def _remote_model_copy(uri: str, cache_dir: Path) -> str:
     """A local copy of the model folder at an object-store URI (jobs.pretrain's output on an S3
     root: every train worker reads it as model.name_or_path). Cached under a key of the URI and
     the files' names, sizes and times, so a re-written model is fetched again; written aside and
-    renamed into place (two workers of one node may fetch at once). The endpoint and keys come
-    from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), which Ray workers inherit."""
+    renamed into place (two workers of one node may fetch at once); older copies of the same URI
+    are removed. The endpoint and keys come from the environment (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, ...), which Ray workers inherit, and which recsys.runtime.storage_env
+    fills from the run's storage settings."""
     import pyarrow.fs as pafs
 
     from recsys import storage
@@ -300,10 +305,18 @@ def _remote_model_copy(uri: str, cache_dir: Path) -> str:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=dest.parent))
     storage.download_dir(uri, tmp, where)
+    (tmp / _REMOTE_SOURCE).write_text(uri)
     try:
         os.rename(tmp, dest)
     except OSError:  # another process put the same copy there meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
+    # Older copies of the same URI (the model was re-written since): each run that re-writes it
+    # (pretrain re-run, a new export) would otherwise leave a full model on every node's disk.
+    for old in dest.parent.iterdir():
+        source = old / _REMOTE_SOURCE
+        if old != dest and not old.name.startswith(".") and source.is_file() and source.read_text() == uri:
+            log.info("removing the outdated local copy %s of %s", old, uri)
+            shutil.rmtree(old, ignore_errors=True)
     return str(dest)
 
 

@@ -52,6 +52,21 @@ def hub_offline(cfg: Config | None = None) -> str | None:
     return "1" if name in LOCAL_MODELS or Path(name).expanduser().exists() else None
 
 
+def storage_env(cfg: Config) -> dict[str, str]:
+    """The run's object-store settings given in the config (not the environment), as the
+    AWS_* variables this process and its workers get. A local cluster's processes, Serve
+    replicas included, inherit this process's environment, and `ray job submit` workers get it
+    through `worker_env`, so no Serve config or deployment argument needs to carry them; and
+    what reads S3 without the config at hand (an s3:// model.name_or_path, e.g. pretrain's
+    adapted encoder, recsys.encoder._remote_model_copy) reaches the same endpoint."""
+    s = cfg.storage
+    env = {key: value for key, value in (("AWS_ACCESS_KEY_ID", s.s3_access_key), ("AWS_SECRET_ACCESS_KEY", s.s3_secret_key),
+                                         ("AWS_ENDPOINT_URL", s.s3_endpoint)) if value}
+    if s.s3_endpoint and "AWS_DEFAULT_REGION" not in os.environ:
+        env["AWS_DEFAULT_REGION"] = s.s3_region
+    return env
+
+
 def worker_env(cfg: Config | None = None) -> dict[str, str]:
     """Environment every Ray worker of this run gets (runtime_env env_vars)."""
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV_DEFAULTS.items()}
@@ -77,12 +92,7 @@ def ensure_ray(num_cpus: int | None = None, cfg: Config | None = None, **kwargs:
     if ray.is_initialized():
         return
     if cfg is not None:
-        # Keys given in the config (not the environment): a local cluster's processes, Serve
-        # replicas included, inherit this process's environment, so they read them from there
-        # and no Serve config or deployment argument needs to carry them.
-        for key, value in (("AWS_ACCESS_KEY_ID", cfg.storage.s3_access_key), ("AWS_SECRET_ACCESS_KEY", cfg.storage.s3_secret_key)):
-            if value:
-                os.environ[key] = value
+        os.environ.update(storage_env(cfg))
     env = worker_env(cfg)
     if "HF_HUB_OFFLINE" in env:
         # The driver loads models too, and a local cluster's processes inherit its environment.

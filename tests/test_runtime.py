@@ -72,3 +72,31 @@ def test_workers_reach_this_clusters_state_api(ray_cluster: None) -> None:
     probe = Probe.remote()
     assert ray.get(probe.state_of.remote(probe._actor_id.hex()), timeout=60) == "ALIVE"
     ray.kill(probe)
+
+
+def test_an_s3_model_is_read_with_the_run_s_storage_settings_and_old_copies_go(s3_server, tiny_model, tmp_path, monkeypatch) -> None:
+    """An s3:// model.name_or_path (pretrain's adapted encoder on an S3 root) with the endpoint
+    and keys given only in the config: storage_env hands them to what copies the model, and a
+    re-written model replaces the older local copy instead of piling up beside it."""
+    from recsys import storage
+    from recsys.encoder import resolve_model_path
+    from recsys.runtime import storage_env
+
+    uri = "s3://test/runtime-models/tiny"
+    st = s3_server.storage_config(uri)
+    storage.upload_dir(tiny_model, uri, st)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(None, [f"storage.root={uri}", f"storage.s3_endpoint={st.s3_endpoint}",
+                             f"storage.s3_access_key={st.s3_access_key}", f"storage.s3_secret_key={st.s3_secret_key}"])
+    env = storage_env(cfg)
+    assert env["AWS_ENDPOINT_URL"] == st.s3_endpoint and env["AWS_DEFAULT_REGION"] == "us-east-1"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    first = Path(resolve_model_path(uri, cache_dir=tmp_path))
+    assert (first / "config.json").is_file()
+    assert Path(resolve_model_path(uri, cache_dir=tmp_path)) == first  # cached
+    storage.write_bytes(storage.join(uri, "extra.txt"), b"re-written", st)
+    second = Path(resolve_model_path(uri, cache_dir=tmp_path))
+    assert second != first and (second / "extra.txt").read_text() == "re-written"
+    assert not first.exists(), "the outdated copy is removed"
