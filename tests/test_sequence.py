@@ -82,7 +82,7 @@ def prepared(ray_cluster, s3_server, tiny_model):
     return cfg
 
 
-def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -> None:
+def test_sequence_job_trains_exports_and_evaluates(prepared, tmp_path) -> None:
     from recsys import evaluate, paths, storage, train
     from recsys.train_sequence import SequenceExamples
 
@@ -113,6 +113,17 @@ def test_sequence_job_trains_exports_evaluates_and_resumes(prepared, tmp_path) -
     direct = average(per_query_metrics(ex.rank(model, emb, ids, 10), ex.relevant(ids), [10]), "test/next_item")
     assert abs(direct["test/next_item/ndcg@10"] - m["test/next_item/ndcg@10"]) < 1e-6
 
+
+
+# Four more runs (~75 s): slow. The joint stage's training runs by default without Ray below.
+@pytest.mark.slow
+def test_sequence_job_resumes_goes_on_jointly_and_starts_afresh_for_other_settings(prepared, tmp_path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from recsys import paths, storage, train
+
+    train.run(prepared)  # done already when the test above ran first: it resumes and stops at once
+    local = storage.download_dir(paths.export_dir(prepared), tmp_path / "export", prepared.storage)
     # A second run with more epochs resumes after the third, from the Ray Train checkpoint, and
     # goes on end to end (the item tower's encoder fine-tuned jointly) for 4 steps.
     more = prepared.model_copy(update={
