@@ -86,6 +86,8 @@ def features(
         h = item_tokens(hard.reshape(-1))
         extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
         extra["h_logq"] = items.logq[hard]  # (batch, n)
+        # The loss masks them against the positives of the actual (global) training batch too.
+        extra["h_keys"], extra["h_dups"] = items.keys[hard], items.dups[hard]  # (batch, n) each
     return extra | {
         "q_ids": q,
         "d_ids": d,
@@ -138,6 +140,8 @@ def to_tensors(f: dict[str, Any], pad_id: int, padding_side: str = "right") -> d
         flat = [t for row in f["h_ids"] for t in row]  # batch * n token lists, row-major
         out["h_ids"], out["h_mask"] = pad_tokens(flat, pad_id, padding_side)
         out["h_logq"] = torch.tensor(np.stack([np.asarray(r, dtype=np.float32) for r in f["h_logq"]]))  # (batch, n)
+        for k in ("h_keys", "h_dups"):
+            out[k] = torch.tensor(np.stack([np.asarray(r, dtype=np.int64) for r in f[k]]))  # (batch, n)
     return out
 
 
@@ -167,6 +171,8 @@ class Featurize:
         hard = {
             "h_ids": pa.array(f["h_ids"], pa.list_(ints)),
             "h_logq": pa.array(f["h_logq"].tolist(), pa.list_(pa.float32())),
+            "h_keys": pa.array(f["h_keys"].tolist(), pa.list_(pa.int64())),
+            "h_dups": pa.array(f["h_dups"].tolist(), pa.list_(pa.int64())),
         } if "h_ids" in f else {}
         return pa.table(hard | {
             "q_ids": pa.array(f["q_ids"], ints),

@@ -62,6 +62,8 @@ def sampled_softmax_loss(
     logq: torch.Tensor | None = None,  # (batch,) log sampling probability of each positive item
     hard_negatives: torch.Tensor | None = None,  # (batch, n, dim) extra negatives per row
     hard_logq: torch.Tensor | None = None,  # (batch, n) log Q of each hard negative; needed with logq
+    hard_keys: torch.Tensor | None = None,  # (batch, n) int64 item key of each hard negative
+    hard_dup_keys: torch.Tensor | None = None,  # (batch, n) int64 duplicate group of each hard negative
     memory: Memory | None = None,  # earlier steps' items: more negatives (cross-batch memory)
     gather: bool = True,
 ) -> torch.Tensor:
@@ -70,7 +72,11 @@ def sampled_softmax_loss(
     Accidental hits never count as negatives of a row: its own item (wherever it sits in the
     batch), items of its duplicate group, its history, and the positives of other rows of the
     same group (`group_keys`: the same user's other next items, the same query's other relevant
-    products). `memory` items are extra negatives under the same masks and logQ correction."""
+    products). `memory` items are extra negatives under the same masks and logQ correction.
+    Hard negatives were mined without the row's own item, duplicates and history; with
+    `hard_keys` they are also masked where they are a positive of another row of the same group
+    anywhere in the global batch (the miner saw another set of rows: this rank's batch, or a
+    Ray Data block under train.tokenize_in=pipeline)."""
     rank, world = _world()
     b = q.shape[0]
     if isinstance(temperature, torch.Tensor):
@@ -131,6 +137,17 @@ def sampled_softmax_loss(
             if hard_logq is None:
                 raise ValueError("sampled_softmax_loss: hard_negatives with logq need hard_logq (batch, n)")
             hn = hn - hard_logq.float()
+        if hard_keys is not None and item_keys is not None and group_keys is not None:
+            same = group_keys[:, None] == gather_keys(group_keys)[None, :]  # (batch, N)
+            keys_all = gather_keys(item_keys)  # (N,)
+            dups_all = gather_keys(dup_keys) if dup_keys is not None and hard_dup_keys is not None else None
+            hmask = torch.zeros_like(hn, dtype=torch.bool)  # (batch, n)
+            for j in range(hn.shape[1]):  # column by column: no (batch, n, N) tensor
+                hit = hard_keys[:, j, None] == keys_all[None, :]  # (batch, N)
+                if dups_all is not None:
+                    hit |= hard_dup_keys[:, j, None] == dups_all[None, :]
+                hmask[:, j] = (hit & same).any(dim=1)
+            hn = hn.masked_fill(hmask, _MASK_VALUE)
         logits = torch.cat([logits, hn], dim=1)
     per_row = F.cross_entropy(logits, labels, reduction="none")  # (batch,)
     w = torch.ones_like(per_row) if weights is None else weights.to(per_row.dtype)  # (batch,)
@@ -251,6 +268,8 @@ class SampledSoftmaxLoss(nn.Module):
         group_keys: torch.Tensor | None = None,
         memory: Memory | None = None,
         temperature: torch.Tensor | None = None,
+        hard_keys: torch.Tensor | None = None,
+        hard_dup_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`temperature`: a stand-in for the module's own (the gradient cache passes a detached
         copy to take the loss's gradient w.r.t. it without touching the parameter)."""
@@ -266,6 +285,8 @@ class SampledSoftmaxLoss(nn.Module):
             logq=logq if self.logq_correction else None,
             hard_negatives=hard_negatives,
             hard_logq=hard_logq,
+            hard_keys=hard_keys,
+            hard_dup_keys=hard_dup_keys if self.mask_duplicates else None,
             memory=memory,
             gather=self.gather,
         )

@@ -85,7 +85,8 @@ class TrainStep(nn.Module):
         return self.loss.forward(
             q, d, weights=b["weights"], item_keys=b["item_keys"], dup_keys=b["dup_keys"],
             history_keys=b["history_keys"], group_keys=b.get("group_keys"), logq=b["logq"],
-            hard_negatives=hard, hard_logq=b.get("h_logq"), memory=self.memory if self.use_memory else None,
+            hard_negatives=hard, hard_logq=b.get("h_logq"), hard_keys=b.get("h_keys"), hard_dup_keys=b.get("h_dups"),
+            memory=self.memory if self.use_memory else None,
             temperature=temperature,
         )
 

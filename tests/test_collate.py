@@ -173,6 +173,9 @@ def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: st
     hard_rows = miner.rows(np.array([items.index["A"], items.index["D"]]), [np.zeros(0, np.int64), np.array([items.index["E"]])], 2)
     assert b["h_logq"].shape == (2, 2) and torch.equal(got["h_logq"], b["h_logq"])
     assert torch.allclose(b["h_logq"].sort(dim=1).values, torch.tensor(np.sort(items.logq[hard_rows], axis=1)))
+    # Their keys and duplicate groups travel too (the loss masks same-group positives by them).
+    for k, col in (("h_keys", items.keys), ("h_dups", items.dups)):
+        assert torch.equal(got[k], b[k]) and sorted(b[k].flatten().tolist()) == sorted(col[hard_rows].flatten().tolist()), k
 
     torch.manual_seed(0)
     step = TrainStep(build_two_tower(cfg.model), SampledSoftmaxLoss(gather=False))

@@ -96,6 +96,29 @@ def test_logq_weights_and_hard_negatives_by_hand() -> None:
         sampled_softmax_loss(Q, D, temperature=t, logq=logq, hard_negatives=hn)
 
 
+def test_a_hard_negative_that_is_another_positive_of_the_row_s_group_is_masked() -> None:
+    """The miner excludes the row's own item, duplicates and history, but sees another set of
+    rows than the training batch (a Ray Data block under tokenize_in=pipeline, one rank's
+    rows): the loss masks a hard negative that is a same-group positive of the actual batch."""
+    t = 1.0
+    hn = torch.tensor([[[0.0, 1.0]], [[1.0, 1.0]]])  # extra logits: row 0 -> 0.0, row 1 -> 1.0
+    keys, groups = torch.tensor([1, 2]), torch.tensor([9, 9])  # one user's two next items
+    plain = sampled_softmax_loss(Q, D, temperature=t, item_keys=keys, group_keys=groups)
+    # Row 0's hard negative is item 2 (row 1's positive, same user); row 1's is item 1 (row 0's).
+    got = sampled_softmax_loss(Q, D, temperature=t, item_keys=keys, group_keys=groups, hard_negatives=hn,
+                               hard_keys=torch.tensor([[2], [1]]))
+    assert got.item() == pytest.approx(plain.item(), abs=1e-6)
+    # Another user's rows: the same hard negatives are real negatives.
+    other = sampled_softmax_loss(Q, D, temperature=t, item_keys=keys, group_keys=torch.tensor([8, 9]), hard_negatives=hn,
+                                 hard_keys=torch.tensor([[2], [1]]))
+    assert other.item() == pytest.approx((_ce([1.0, 0.6, 0.0], 0) + _ce([0.0, 0.8, 1.0], 1)) / 2, rel=1e-6)
+    # A duplicate of a same-group positive (another key, the same dup group) is masked too.
+    loss = SampledSoftmaxLoss(temperature=t, logq_correction=False)
+    dup = loss(Q, D, item_keys=keys, group_keys=groups, dup_keys=torch.tensor([11, 12]), hard_negatives=hn,
+               hard_keys=torch.tensor([[7], [8]]), hard_dup_keys=torch.tensor([[12], [11]]))
+    assert dup.item() == pytest.approx(plain.item(), abs=1e-6)
+
+
 def test_module_learnable_temperature_and_item_key() -> None:
     loss = SampledSoftmaxLoss(temperature=0.1, learn_temperature=True)
     out = loss(Q, D)
