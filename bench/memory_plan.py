@@ -14,8 +14,16 @@ to the full query/item length, as the plan assumes.
 
 Measured = peak resident set (VmHWM) during the measured steps minus the resident set before the
 model was built (torch, transformers and DeepSpeed imported, the process group up): the model
-states, the buffers, the activations and the loss. VmHWM is reset (/proc/self/clear_refs) after
-the warm-up, so the engine's build (ZeRO-1/2 flatten a copy of the weights) does not count; the
+states, the buffers, the activations and the loss. The baseline is taken after a throw-away
+engine of the same architecture and ZeRO stage, one layer of hidden size 32, has trained one
+batch and been destroyed: what a process pays once whatever the model's size is not the
+model's. Without it the measured peak carried ~150 MiB of transformers' modeling code
+(importing transformers.models.bert.modeling_bert alone adds 150 MiB of RSS), ~46 MiB of
+modules DeepSpeed imports lazily when it builds a ZeRO optimizer (its op builders with
+setuptools/distutils, triton and MoE helpers) and ~30 MiB of kernel code pages and thread
+state first touched by the first backward and optimizer step; the same ~75 MiB over the
+tensors held after the warm-up in every ZeRO-1-3 case, BERT or Qwen2, fp32 or bf16.
+VmHWM is reset (/proc/self/clear_refs) after the warm-up, so the engine's build (ZeRO-1/2 flatten a copy of the weights) does not count; the
 build's own peak is printed too. The children run with MALLOC_MMAP_THRESHOLD_ fixed, so a freed
 tensor's pages go back to the kernel (glibc would otherwise keep them, and the peak would carry
 earlier steps' garbage).
@@ -143,8 +151,11 @@ def _estimate(case: Case, model_path: str) -> dict[str, Any]:
     return out
 
 
-def measure(case: Case, model_path: str, steps: int, threads: int) -> dict[str, Any]:
-    """In this process (a fresh one, with the distributed env set)."""
+def measure(case: Case, model_path: str, steps: int, threads: int, warm_path: str | None = None) -> dict[str, Any]:
+    """In this process (a fresh one, with the distributed env set). `warm_path`: the throw-away
+    model trained before the baseline (None: no warm-up, the baseline right after the imports)."""
+    import gc
+
     import deepspeed  # noqa: F401  (imported before the baseline: its import is not the model's)
     import torch
     import torch.distributed as dist
@@ -159,6 +170,13 @@ def measure(case: Case, model_path: str, steps: int, threads: int) -> dict[str, 
     batches = [synthetic_batch(case.batch, case.batch, case.query_len, case.item_len, seed) for seed in range(steps + 1)]
     if not dist.is_initialized():  # the process group's own memory is not the model's either
         dist.init_process_group("gloo")
+    if warm_path:  # the process's one-time costs (module docstring) go into the baseline
+        warm_cfg = _config(case, warm_path)
+        warm_module, warm_engine = _engine(warm_cfg)
+        contrastive_step(warm_engine, warm_module, synthetic_batch(2, 2, 16, 16, 0), warm_cfg.train.batch_size)
+        warm_engine.destroy()
+        del warm_module, warm_engine
+        gc.collect()
     baseline = _status()["VmRSS"]
     module, engine = _engine(cfg)
     if case.checkpointing and not getattr(cfg.model, "gradient_checkpointing", False):
@@ -183,13 +201,18 @@ def measure(case: Case, model_path: str, steps: int, threads: int) -> dict[str, 
 
 def _child(args: argparse.Namespace) -> None:
     case = Case(**json.loads(args.child))
-    out = measure(case, args.model_path, args.steps, args.threads)
+    out = measure(case, args.model_path, args.steps, args.threads, args.warm_path)
     Path(args.result).write_text(json.dumps(out))
     sys.stdout.flush()
     os._exit(0)  # skip torch's teardown (a joinable-thread SIGABRT, see tests/test_losses.py)
 
 
-def run_one(case: Case, model_path: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def warm_spec(spec: str) -> str:
+    """The throw-away model of `spec`'s architecture that warms the process before the baseline."""
+    return spec.split(":")[0] + ":32:1"
+
+
+def run_one(case: Case, model_path: str, args: argparse.Namespace, log: Path, warm_path: str | None = None) -> dict[str, Any]:
     from recsys.storage import free_port
 
     env = {
@@ -200,7 +223,8 @@ def run_one(case: Case, model_path: str, args: argparse.Namespace, log: Path) ->
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp, "result.json")
         cmd = [sys.executable, "-m", "bench.memory_plan", "--child", json.dumps(asdict(case)), "--model-path", model_path,
-               "--result", str(result), "--steps", str(args.steps), "--threads", str(args.threads)]
+               "--result", str(result), "--steps", str(args.steps), "--threads", str(args.threads),
+               *(["--warm-path", warm_path] if warm_path else [])]
         with log.open("a") as f:
             f.write(f"\n=== {case} ===\n")
             f.flush()
@@ -264,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--warm-path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="take the baseline right after the imports (the process's one-time costs count as the model's)")
     args = p.parse_args(argv)
     if args.child:
         _child(args)
@@ -280,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for c in cases:
         path = build_model(c.model, root)
-        r = {**_estimate(c, path), **run_one(c, path, args, log)}
+        warm = None if args.no_warm_up else build_model(warm_spec(c.model), root)
+        r = {**_estimate(c, path), **run_one(c, path, args, log, warm)}
         rows.append((c, r))
         print(f"{c.name}: measured {r['measured_mib']:.0f} MiB, plan {r['plan_mib']:.0f} MiB "
               f"({r['plan_mib'] / r['measured_mib']:.2f}x)", file=sys.stderr, flush=True)

@@ -13,18 +13,26 @@ b = bytes per parameter in the model dtype (4 fp32, 2 bf16/fp16):
 | | ZeRO 0 | ZeRO 1 | ZeRO 2 | ZeRO 3 |
 | --- | --- | --- | --- | --- |
 | parameters | bP | bP (flat buffer) | bP | bP/N + all of it gathered* |
-| fp32 master weights | 4T (16-bit only) | 4T/N (always, also fp32) | 4T/N | 4T/N (16-bit only) |
-| gradients | bT | bT | bT/N + bucket | bT/N + 4T/N fp32 + bucket |
+| fp32 master weights | 4T (16-bit only) | 4T/N (always, also fp32) | 4T/N | 4T/N (always, also fp32**) |
+| gradients | bT | bT | bT/N + bucket | bT/N + bucket (offload: + 4T/N fp32) |
 | AdamW states | 8T | 8T/N | 8T/N | 8T/N |
-| at the step | 4T fp32 grads (16-bit) | 4T/N fp32 grads | 4T/N | - |
+| at the step | 4T fp32 grads (16-bit) | 4T/N fp32 grads | 4T/N | 4T/N fp32 flat grads (no offload) |
 
 (*) ZeRO-3 keeps a gathered parameter until no use of it follows within
 `stage3_max_reuse_distance` (1e9) parameters in the step's trace. Backward walks the forward in
 reverse, so when backward starts the forward's last 5e8 parameters (the whole model when it is
-smaller) are still gathered on every rank, plus the prefetch bucket. The reduce bucket
+smaller) are still gathered on every rank, plus the prefetch bucket; they are released again
+by the end of backward. (**) ZeRO-3 would share an fp32 partition as its master, but DeepSpeed
+compares the partition's torch.device with the accelerator's device name, a str, which is never
+equal (stage3._create_fp32_partitions): it clones in every precision. Without offload it also
+drops the fp32 gradient buffer it allocates at init and, at the step, flattens the gradient
+partition into a new fp32 tensor (_prepare_fp32_grad_for_sub_group). The reduce bucket
 (`reduce_bucket_size`, 5e8 elements) is allocated whole on a GPU; on CPU only its touched pages
-count, at most T. train.offload_optimizer moves master weights, AdamW states and the fp32
-gradients to host memory (on a CPU-only run that is the same memory). LoRA (model.lora): T is the
+count, at most T. ZeRO-1/2 allocate it at backward's first gradient and release it at backward's
+end (setup_buckets, _release_ipg_buffers): it and ZeRO-3's gathered parameters are alive with the
+activations, not at the optimizer step; ZeRO-3's bucket lives from init on.
+train.offload_optimizer moves master weights, AdamW states and the fp32 gradients to host memory
+(on a CPU-only run that is the same memory). LoRA (model.lora): T is the
 adapters' r*(in+out) per targeted linear plus the projection; frozen weights take no gradient or
 optimizer state.
 
@@ -36,9 +44,13 @@ against the autograd graph). CPU attention with dropout runs torch's math kernel
 S^2 probabilities saved); GPU and dropout-free attention run fused kernels. With gradient
 checkpointing a layer keeps its input, and one layer is recomputed at a time. The loss's
 logits are (rows per contrastive batch) x (that times N gathered + hard negatives + memory) in
-fp32, several tensors of that size at once. Peak = model states + the larger of (activations +
-logits) and the optimizer step's temporaries. It fits when the peak is at most HEADROOM of the
-device's memory: the rest is for the CUDA context, allocator fragmentation, NCCL buffers.
+fp32, several tensors of that size at once. Peak = model states + ZeRO-3's reduce bucket + the
+larger of (activations + logits + the buffers alive only during backward) and the optimizer
+step's temporaries. On CPU (train.use_gpu false) ZeRO-0-2's gradients and ZeRO-1/2's bucket are
+empty allocations whose pages become resident as backward writes them, while it frees the
+activations: they count with backward's end and the step, not with the activation peak. It fits
+when the peak is at most HEADROOM of the device's memory: the rest is for the CUDA context,
+allocator fragmentation, NCCL buffers (on CPU: the process's runtime, ~0.5 GiB).
 
 Device memory: train.device_memory_gib, else detected: the first GPU's total memory when
 train.use_gpu (unknown when this process sees no GPU: then the check only warns), else host RAM
@@ -359,6 +371,8 @@ class MemoryPlan:
     gradients: int = 0
     optimizer_states: int = 0  # AdamW moments and fp32 master weights
     buffers: int = 0  # DeepSpeed's reduce bucket, ZeRO-3's gathered parameters
+    backward_buffers: int = 0  # the part of `buffers` alive only during backward (not at the step)
+    late_gradients: int = 0  # gradients and bucket first written during backward on CPU: not with the activations
     activations: int = 0  # as configured (checkpointing on or off)
     activations_plain: int = 0  # without gradient checkpointing
     activations_checkpointed: int = 0  # with it
@@ -398,7 +412,10 @@ class MemoryPlan:
         lines = [head, f"  {'part':<{width}}  {'GiB':>9}  how"]
         for name, nbytes, how in self.rows:
             lines.append(f"  {name:<{width}}  {nbytes / GIB:9.3f}  {how}")
-        lines.append(f"  {'peak (total)':<{width}}  {self.total / GIB:9.3f}  model states + max(activations + logits, step temporaries)")
+        late = f"; {self.late_gradients / GIB:.3f} GiB of gradients and bucket written after the activation peak (CPU)" \
+            if self.late_gradients else ""
+        lines.append(f"  {'peak (total)':<{width}}  {self.total / GIB:9.3f}  model states + buffers kept + "
+                     f"max(activations + logits + backward-only buffers, step temporaries){late}")
         if self.host_offload:
             lines.append(f"  {'host (offloaded)':<{width}}  {self.host_offload / GIB:9.3f}  per worker, in host RAM")
         if self.device_bytes is None:
@@ -441,7 +458,9 @@ def _plan(s: Settings) -> MemoryPlan:
     elif z in (1, 2):
         master = 4 * trainable // n  # a clone of the partition, in fp32 also
     else:
-        master = 4 * trainable // n if sixteen else 0  # fp32: the partition itself is the master
+        # Cloned in every precision: DeepSpeed's "share it when already fp32 on the device" test
+        # compares a torch.device with a str and never holds (module docstring, **).
+        master = 4 * trainable // n
     how_opt = f"AdamW 8 B x {trainable / 1e6:.2f}M trainable{f' / {n}' if z >= 1 else ''}"
     if master:
         how_opt += " + fp32 master weights 4 B each"
@@ -454,11 +473,18 @@ def _plan(s: Settings) -> MemoryPlan:
         grads = b * trainable // n
         how_g = f"{b} B x trainable / {n} (partition)"
         fp32_step = 4 * trainable // n
-    else:
+    elif s.offload:
         grads = b * trainable // n
-        fp32_grads = 4 * trainable // n  # gradient_buffer: the fp32 optimizer's .grad, allocated at init
+        fp32_grads = 4 * trainable // n  # the fp32 partition's .grad, kept from init on with offload
         how_g = f"{b} B x trainable / {n} + fp32 4 B x trainable / {n}"
         fp32_step = 0
+    else:
+        # Without offload the init's fp32 gradient buffer is dropped again (initialize_optimizer_states
+        # sets .grad = None); the step flattens the partition into a new fp32 tensor instead.
+        grads = b * trainable // n
+        fp32_grads = 0
+        how_g = f"{b} B x trainable / {n} (partition)"
+        fp32_step = 4 * trainable // n
     if z == 3:
         if off_dev:
             p.host += fp32_grads + grads  # the grad partitions live on the offload device too
@@ -470,6 +496,17 @@ def _plan(s: Settings) -> MemoryPlan:
         p.add("gradients", grads, how_g + "; fp32 copy on host")
     else:
         p.add("gradients", grads, how_g)
+    if not s.use_gpu and z < 3:
+        # On CPU a page becomes resident when it is first written. Backward writes the gradients
+        # (ZeRO-0: each param.grad; ZeRO-1/2: the reduce bucket and the gradient partition, both
+        # allocated empty during backward) layer by layer as it frees that layer's saved
+        # activations, and ZeRO-0-2 drop the gradients after every step: at the activation peak
+        # (backward's start) neither is resident yet. Measured (bench.memory_plan, fp32 ZeRO-2):
+        # backward's peak is the forward's (+250 MiB vs +248 MiB) though it writes 93 MiB of
+        # gradients into a 93 MiB bucket. They coexist with backward's end and the step instead.
+        # A GPU allocates them whole (caching allocator) while the activations still exist; ZeRO-3
+        # zero-fills its gradient partition at init, so it is resident from then on.
+        p.late_grads = grads
     if off_dev and z >= 1:
         p.host += opt + master
         p.add("optimizer states", 0, how_opt + ": on host (offload)")
@@ -479,7 +516,12 @@ def _plan(s: Settings) -> MemoryPlan:
     if z >= 1:
         bucket = REDUCE_BUCKET_SIZE if s.use_gpu else min(REDUCE_BUCKET_SIZE, trainable)
         p.add("reduce bucket", b * bucket,
-              f"{REDUCE_BUCKET_SIZE:.0e} elements on GPU; on CPU only touched pages (<= trainable)")
+              f"{REDUCE_BUCKET_SIZE:.0e} elements on GPU; on CPU only touched pages (<= trainable)"
+              f"{'; backward only' if z < 3 else ''}")
+        if z < 3:  # ZeRO-1/2: allocated at backward's first gradient, released at its end
+            p.backward_only += b * bucket
+            if not s.use_gpu:
+                p.late_bucket = b * bucket  # written as the gradients are: see late_grads above
     if z == 3:
         # At the activation peak (backward's start) a gathered module stays whole when it is used
         # again within stage3_max_reuse_distance parameters of the trace: the last half of that
@@ -490,7 +532,8 @@ def _plan(s: Settings) -> MemoryPlan:
             gathered += min(PREFETCH_BUCKET_SIZE, total_params - kept)
         p.add("gathered parameters", b * gathered + b * a.largest_module,
               f"{kept / 1e6:.0f}M kept whole (stage3_max_reuse_distance {MAX_REUSE_DISTANCE:.0e} / 2) + prefetch "
-              "+ the largest module's full gradient")
+              "+ the largest module's full gradient; backward only")
+        p.backward_only += b * gathered + b * a.largest_module  # released by backward's end
     # Activations.
     e = b
     gpu = s.use_gpu
@@ -540,6 +583,9 @@ class PlanBuilder:
         self.rows: list[tuple[str, int, str]] = []
         self.host = 0
         self.step = 0
+        self.backward_only = 0  # buffers alive with the activations but released before the step
+        self.late_grads = 0  # gradients first written during backward (CPU, ZeRO-0-2): not with the activations
+        self.late_bucket = 0  # the same for the reduce bucket (CPU, ZeRO-1/2)
         self.activations = (0, 0, 0)
 
     def add(self, name: str, nbytes: int, how: str) -> None:
@@ -554,6 +600,8 @@ class PlanBuilder:
             gradients=get["gradients"],
             optimizer_states=get["optimizer states"],
             buffers=get.get("reduce bucket", 0) + get.get("gathered parameters", 0),
+            backward_buffers=self.backward_only,
+            late_gradients=self.late_grads + self.late_bucket,
             activations=chosen,
             activations_plain=plain,
             activations_checkpointed=ckpt,
@@ -567,7 +615,12 @@ class PlanBuilder:
         )
         self.rows.append(("step temporaries", self.step, "fp32 gradient copies, AdamW's temporaries (after backward)"))
         plan.rows = self.rows
-        plan.total = plan.model_states + plan.buffers + max(plan.activations + plan.logits, plan.step_temporaries)
+        # Resident throughout, then the largest of: backward's start (activations, loss, the buffers
+        # backward allocates), backward's end (the late gradients and bucket written) and the step.
+        kept = plan.model_states - self.late_grads + plan.buffers - plan.backward_buffers
+        plan.total = kept + max(plan.activations + plan.logits + plan.backward_buffers - self.late_bucket,
+                                self.late_grads + self.late_bucket,
+                                self.late_grads + plan.step_temporaries)
         return plan
 
 

@@ -65,8 +65,57 @@ def test_zero1_fp32_keeps_a_master_copy_of_its_partition():
 def test_zero3_bf16_partitions_parameters_too():
     p = _plan("train.zero_stage=3", "train.precision=bf16", "train.num_workers=4")
     assert p.parameters == 2 * (P // 4 + ARCH.small_params * 3 // 4)
-    assert p.gradients == 2 * P // 4 + 4 * P // 4  # 16-bit partition + the fp32 optimizer gradient buffer
+    # The 16-bit partition only: without offload DeepSpeed drops its init-time fp32 gradient buffer
+    # and flattens the partition into a new fp32 tensor at the step instead.
+    assert p.gradients == 2 * P // 4
+    assert p.step_temporaries >= 4 * P // 4 + 2 * 4 * P // 4  # that fp32 copy + AdamW's two temporaries
     assert p.optimizer_states == 12 * P // 4
+
+
+def test_zero3_fp32_clones_its_master_partition():
+    # DeepSpeed 0.19.8 compares a torch.device with a str to decide whether an fp32 partition can be
+    # its own master: never equal, so ZeRO-3 keeps an fp32 clone in fp32 too (measured on CPU).
+    from deepspeed.accelerator import get_accelerator
+
+    assert torch.zeros(1).device != get_accelerator().current_device_name()  # the comparison it makes
+    p = _plan("train.zero_stage=3", "train.precision=fp32", "train.num_workers=4")
+    assert p.optimizer_states == 12 * P // 4
+    assert p.gradients == 4 * P // 4
+
+
+def test_zero3_offload_keeps_the_fp32_gradient_buffer_and_no_step_copy():
+    cpu = _plan("train.zero_stage=3", "train.precision=bf16", "train.num_workers=4", "train.offload_optimizer=true")
+    assert cpu.gradients == 2 * P // 4 + 4 * P // 4  # on a CPU-only run the host is the device
+    plain = _plan("train.zero_stage=3", "train.precision=bf16", "train.num_workers=4")
+    assert cpu.step_temporaries == plain.step_temporaries - 4 * P // 4  # no flattened fp32 copy
+
+
+def test_backward_only_buffers_are_not_counted_at_the_step_on_gpu():
+    # ZeRO-1/2 allocate the reduce bucket at backward's first gradient and release it at backward's
+    # end; ZeRO-3 releases its gathered parameters by then: neither coexists with the step.
+    z2 = _plan("train.zero_stage=2", "train.precision=bf16", "train.num_workers=4", "train.use_gpu=true")
+    assert z2.backward_buffers == z2.buffers == 2 * mp.REDUCE_BUCKET_SIZE and z2.late_gradients == 0
+    assert z2.total == z2.model_states + max(z2.activations + z2.logits + z2.buffers, z2.step_temporaries)
+    z3 = _plan("train.zero_stage=3", "train.precision=bf16", "train.num_workers=4", "train.use_gpu=true")
+    assert z3.buffers - z3.backward_buffers == 2 * mp.REDUCE_BUCKET_SIZE  # ZeRO-3's bucket lives from init on
+    assert z3.total == (z3.model_states + 2 * mp.REDUCE_BUCKET_SIZE
+                        + max(z3.activations + z3.logits + z3.backward_buffers, z3.step_temporaries))
+
+
+def test_cpu_gradients_are_written_after_the_activation_peak():
+    # On CPU ZeRO-0-2's gradients (and ZeRO-1/2's bucket) become resident as backward writes them,
+    # while it frees the activations: they count with backward's end and the step only.
+    for stage in (0, 2):
+        p = _plan(f"train.zero_stage={stage}", "train.precision=fp32", "train.num_workers=1", "train.batch_size=64")
+        bucket = p.backward_buffers
+        assert p.late_gradients == p.gradients + bucket and p.gradients == 4 * P
+        assert p.total == (p.model_states - p.gradients
+                           + max(p.activations + p.logits, p.gradients + bucket, p.gradients + p.step_temporaries))
+        gpu = _plan(f"train.zero_stage={stage}", "train.precision=fp32", "train.num_workers=1", "train.batch_size=64",
+                    "train.use_gpu=true")
+        assert gpu.late_gradients == 0
+    z3 = _plan("train.zero_stage=3", "train.precision=fp32", "train.num_workers=1")
+    assert z3.late_gradients == 0  # zero-filled at init: resident from then on
 
 
 def test_reduce_bucket_is_whole_on_a_gpu():
@@ -117,7 +166,8 @@ def test_activations_scale_with_the_micro_batch_and_logits_with_the_contrastive_
 
 def test_deepspeed_zero3_estimator_agrees_on_model_states():
     """DeepSpeed's estimate (16-bit params, no offload): 18 B/param / GPUs + 4 B x largest layer.
-    Ours counts the fp32 gradient buffer it allocates too (20 B/param / GPUs); within 15%."""
+    Ours is 16 B/param / GPUs (the init-time fp32 gradient buffer is dropped again without offload;
+    its fp32 copy at the step is a step temporary); within 15%."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     big = dataclasses.replace(ARCH, params=1_500_000_000, largest_module=150_000_000, small_params=2_000_000)
