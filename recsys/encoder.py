@@ -310,14 +310,30 @@ def _remote_model_copy(uri: str, cache_dir: Path) -> str:
         os.rename(tmp, dest)
     except OSError:  # another process put the same copy there meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
-    # Older copies of the same URI (the model was re-written since): each run that re-writes it
-    # (pretrain re-run, a new export) would otherwise leave a full model on every node's disk.
-    for old in dest.parent.iterdir():
-        source = old / _REMOTE_SOURCE
-        if old != dest and not old.name.startswith(".") and source.is_file() and source.read_text() == uri:
-            log.info("removing the outdated local copy %s of %s", old, uri)
-            shutil.rmtree(old, ignore_errors=True)
+    _prune_older_copies(dest, uri)
     return str(dest)
+
+
+def _prune_older_copies(dest: Path, uri: str, grace_s: float = 3600.0) -> None:
+    """Remove local copies of `uri` older than `dest` by more than `grace_s`: each run that
+    re-writes the model (a pretrain re-run, a new export) would otherwise leave a full model on
+    every node's disk. Only older ones, and only after the grace time: a process on this node
+    that listed the store before the re-write may still be loading its copy (or finish its
+    download after this one), and two processes may prune at once."""
+    try:
+        newest = dest.stat().st_mtime
+    except OSError:
+        return
+    for old in dest.parent.iterdir():
+        if old == dest or old.name.startswith("."):
+            continue
+        try:
+            if (old / _REMOTE_SOURCE).read_text() != uri or old.stat().st_mtime > newest - grace_s:
+                continue
+        except OSError:  # not a copy of ours, or pruned by another process meanwhile
+            continue
+        log.info("removing the outdated local copy %s of %s", old, uri)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:
@@ -763,10 +779,11 @@ class TextEncoder:
         i_path = str(Path(path) / "item") if separate else path
         # An export's tokenizer was saved prepared (pad token, side, EOS); a base model's is
         # prepared here exactly as training prepared it (recsys.model.load_tokenizer).
-        # An export's side is the one it was trained with (its RECSYS_META); "auto" would pick
-        # left for last-token pooling even where training padded right.
-        side = meta.get("padding_side", padding_side) if padding_side == "auto" else padding_side
-        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(q_path), self.pooling, side)
+        # An export's tokenizer was saved with the side it was trained with: "auto" keeps it
+        # (it would pick left for last-token pooling even where training padded right).
+        tokenizer = AutoTokenizer.from_pretrained(q_path)
+        side = tokenizer.padding_side if meta and padding_side == "auto" else padding_side
+        self.tokenizer = prepare_tokenizer(tokenizer, self.pooling, side)
         self.onnx_files: dict[str, Path] = {}
         if self.backend == "torch":
             self.query_model: Any = load_hf_encoder(q_path, dtype).to(self.device).eval()

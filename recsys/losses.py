@@ -97,17 +97,18 @@ def sampled_softmax_loss(
         logits = logits - gather_keys(logq.float())[None, :]
     labels = torch.arange(b, device=q.device) + offset  # (batch,)
     mask = torch.zeros_like(logits, dtype=torch.bool)  # (batch, N) True = not a negative
+    # Gathered once: the in-batch masks and the hard negatives' read them.
+    keys_all = gather_keys(item_keys) if item_keys is not None else None  # (N,)
+    dups_all = gather_keys(dup_keys) if dup_keys is not None else None  # (N,)
+    groups_all = gather_keys(group_keys) if group_keys is not None else None  # (N,)
     if item_keys is not None:
-        keys_all = gather_keys(item_keys)  # (N,)
         mask |= item_keys[:, None] == keys_all[None, :]
         if history_keys is not None and history_keys.numel():
             in_hist = (history_keys[:, :, None] == keys_all[None, None, :]) & (history_keys[:, :, None] >= 0)
             mask |= in_hist.any(dim=1)
     if dup_keys is not None:
-        dups_all = gather_keys(dup_keys)
         mask |= dup_keys[:, None] == dups_all[None, :]
     if group_keys is not None:
-        groups_all = gather_keys(group_keys)
         mask |= group_keys[:, None] == groups_all[None, :]
     mask[torch.arange(b, device=q.device), labels] = False
     logits = logits.masked_fill(mask, _MASK_VALUE)
@@ -138,13 +139,11 @@ def sampled_softmax_loss(
                 raise ValueError("sampled_softmax_loss: hard_negatives with logq need hard_logq (batch, n)")
             hn = hn - hard_logq.float()
         if hard_keys is not None and item_keys is not None and group_keys is not None:
-            same = group_keys[:, None] == gather_keys(group_keys)[None, :]  # (batch, N)
-            keys_all = gather_keys(item_keys)  # (N,)
-            dups_all = gather_keys(dup_keys) if dup_keys is not None and hard_dup_keys is not None else None
+            same = group_keys[:, None] == groups_all[None, :]  # (batch, N)
             hmask = torch.zeros_like(hn, dtype=torch.bool)  # (batch, n)
             for j in range(hn.shape[1]):  # column by column: no (batch, n, N) tensor
                 hit = hard_keys[:, j, None] == keys_all[None, :]  # (batch, N)
-                if dups_all is not None:
+                if dups_all is not None and hard_dup_keys is not None:
                     hit |= hard_dup_keys[:, j, None] == dups_all[None, :]
                 hmask[:, j] = (hit & same).any(dim=1)
             hn = hn.masked_fill(hmask, _MASK_VALUE)

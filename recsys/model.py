@@ -223,8 +223,6 @@ def _write_export(model: TwoTower, tokenizer: Any, mcfg: ModelConfig, cfg_dict: 
         "separate_towers": mcfg.separate_towers,
         "user_history_items": mcfg.user_history_items,
         "projection_dim": mcfg.projection_dim,
-        # Resolved (never "auto"): TextEncoder reopens the export padded as it was trained.
-        "padding_side": tokenizer.padding_side,
         "base_model": mcfg.name_or_path,
     }
     if mcfg.lora is not None:  # only then: ids of exports without LoRA stay what they were

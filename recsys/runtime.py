@@ -62,7 +62,7 @@ def storage_env(cfg: Config) -> dict[str, str]:
     s = cfg.storage
     env = {key: value for key, value in (("AWS_ACCESS_KEY_ID", s.s3_access_key), ("AWS_SECRET_ACCESS_KEY", s.s3_secret_key),
                                          ("AWS_ENDPOINT_URL", s.s3_endpoint)) if value}
-    if s.s3_endpoint and "AWS_DEFAULT_REGION" not in os.environ:
+    if "AWS_DEFAULT_REGION" not in os.environ:
         env["AWS_DEFAULT_REGION"] = s.s3_region
     return env
 

@@ -208,7 +208,7 @@ def test_lora_export_merged_and_adapter_open_alike(tiny_decoder, tmp_path) -> No
 def test_an_export_is_read_with_the_padding_side_it_was_trained_with(tiny_decoder, tmp_path) -> None:
     """model.padding_side=right with last-token pooling (allowed, and pooling reads the last real
     token either way): reopening the export must not fall back to "auto" (left)."""
-    from recsys.encoder import RECSYS_META, TextEncoder
+    from recsys.encoder import TextEncoder
     from recsys.model import build_two_tower, export_model, load_tokenizer
 
     for side in ("right", "left"):
@@ -217,7 +217,7 @@ def test_an_export_is_read_with_the_padding_side_it_was_trained_with(tiny_decode
         assert tok.padding_side == side
         out = tmp_path / side
         export_model(build_two_tower(mcfg).eval(), tok, mcfg, {}, out)
-        assert json.loads((out / RECSYS_META).read_text())["padding_side"] == side
+        assert json.loads((out / "tokenizer_config.json").read_text())["padding_side"] == side
         assert TextEncoder(str(out)).tokenizer.padding_side == side
         # An explicit side given when opening still wins over the export's.
         other = "left" if side == "right" else "right"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,13 @@ def test_an_s3_model_is_read_with_the_run_s_storage_settings_and_old_copies_go(s
     first = Path(resolve_model_path(uri, cache_dir=tmp_path))
     assert (first / "config.json").is_file()
     assert Path(resolve_model_path(uri, cache_dir=tmp_path)) == first  # cached
+    hours_ago = time.time() - 7200
+    os.utime(first, (hours_ago, hours_ago))
     storage.write_bytes(storage.join(uri, "extra.txt"), b"re-written", st)
     second = Path(resolve_model_path(uri, cache_dir=tmp_path))
     assert second != first and (second / "extra.txt").read_text() == "re-written"
     assert not first.exists(), "the outdated copy is removed"
+    # A copy made within the grace time stays: a process on the node may still be loading it.
+    storage.write_bytes(storage.join(uri, "extra.txt"), b"again", st)
+    third = Path(resolve_model_path(uri, cache_dir=tmp_path))
+    assert third != second and second.exists() and third.exists()

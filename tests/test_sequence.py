@@ -114,7 +114,6 @@ def test_sequence_job_trains_exports_and_evaluates(prepared, tmp_path) -> None:
     assert abs(direct["test/next_item/ndcg@10"] - m["test/next_item/ndcg@10"]) < 1e-6
 
 
-
 # Four more runs (~75 s): slow. The joint stage's training runs by default without Ray below.
 @pytest.mark.slow
 def test_sequence_job_resumes_goes_on_jointly_and_starts_afresh_for_other_settings(prepared, tmp_path) -> None:
