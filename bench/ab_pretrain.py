@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, required=True, help="the budget: two-tower steps of arm A")
     p.add_argument("--pretrain-share", type=float, default=0.25, help="share of the budget arm B spends on MLM")
     p.add_argument("--sample-batches", type=int, default=20)
-    p.add_argument("--stages", default="pretrain,train,evaluate,compare")
+    p.add_argument("--stages", default="prepare,pretrain,train,evaluate,compare",
+                   help="prepare is skipped when <root>/data/manifest.json exists")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -104,6 +104,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = load_config(args.config, shared)
     mlm_cfg = load_config(args.config, shared + shlex.split(args.pretrain) + [f"pretrain.run_name={args.name}-mlm"])
 
+    if "prepare" in stages:
+        # Both the FLOP sampling below and the MLM corpus read the prepared data.
+        from recsys import storage
+
+        if storage.exists(paths.manifest(base), base.storage):
+            log.info("data exists at %s: not prepared again", paths.data_dir(base))
+        else:
+            from recsys.data import prepare
+
+            prepare.run(base)
     shape = encoder_shape(base)
     tt = two_tower_step_tokens(base, args.sample_batches, base.train.seed)
     world = base.train.num_workers
@@ -111,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      + tt["item_len"] * token_flops(shape, tt["item_len"], False))
     # An MLM step's padded length is at most max_tokens; the step count is chosen before the
     # run from that bound, and the ratio is re-computed from the tokens the run logged.
-    mlm_bound = world * mlm_cfg.pretrain.batch_size * mlm_cfg.pretrain.max_tokens * token_flops(shape, mlm_cfg.pretrain.max_tokens, True)
+    mlm_world = mlm_cfg.pretrain.num_workers  # pretrain has its own worker count
+    mlm_bound = mlm_world * mlm_cfg.pretrain.batch_size * mlm_cfg.pretrain.max_tokens * token_flops(shape, mlm_cfg.pretrain.max_tokens, True)
     budget = args.pretrain_share * args.steps * tt_flops
     mlm_steps = max(1, int(budget // mlm_bound))
     out: dict[str, Any] = {"name": args.name, "config": args.config, "shared": args.set, "pretrain_overrides": args.pretrain,
@@ -130,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not rows:
         raise SystemExit(f"no pretraining metrics under {paths.pretrain_dir(mlm_cfg)}: run the pretrain stage first")
     tokens = rows[-1]["tokens_total"]
-    mean_len = tokens / (rows[-1]["step"] * world * mlm_cfg.pretrain.batch_size)
+    mean_len = tokens / (rows[-1]["step"] * mlm_world * mlm_cfg.pretrain.batch_size)
     mlm_flops_total = tokens * token_flops(shape, mean_len, True)
     equiv = mlm_flops_total / tt_flops
-    ft_b = args.steps - math.ceil(equiv)
+    ft_b = args.steps - round(equiv)  # P' = round(...), as documented
     out["compute"] = {
         "mlm_steps": rows[-1]["step"], "mlm_tokens": tokens, "mlm_mean_padded_len": mean_len,
         "mlm_flops": mlm_flops_total, "mlm_step_flops": mlm_flops_total / rows[-1]["step"],
