@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -60,7 +61,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, load_universal: bool = False) -> dict[str, Any]:
+    """`load_universal`: the checkpoint to load is a universal one (`_to_universal`), which
+    ZeRO re-partitions for any worker count."""
     t = cfg.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
@@ -80,6 +83,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -236,7 +240,7 @@ def build_towers(cfg: Config) -> nn.Module:
         return build_two_tower(cfg.model)
 
 
-def _engine(cfg: Config) -> tuple[TrainStep, Any]:
+def _engine(cfg: Config, load_universal: bool = False) -> tuple[TrainStep, Any]:
     """The towers and the loss in one module, wrapped by a DeepSpeed engine (torch AdamW, linear
     warm-up and decay). Only parameters that require gradients get optimizer states (with LoRA:
     the adapters, the projection and a learnt temperature; `param_groups`)."""
@@ -250,16 +254,57 @@ def _engine(cfg: Config) -> tuple[TrainStep, Any]:
         memory_size=t.memory_size,
         dropout=t.dropout,
     )
+    if t.zero_stage == 3 and t.precision != "fp32":
+        # zero.Init gave from_pretrained's weights the engine's dtype, but what is built beside
+        # them (the projection, LoRA adapters, a learnt temperature) is fp32, and ZeRO-3 keeps it
+        # so (ZeRO-0-2 cast the whole module): a bf16 hidden state then met an fp32 projection
+        # weight. The optimizer keeps fp32 masters of them, as of every other weight.
+        dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+        for p in module.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.warmup_steps, t.max_steps))
     # Every engine start would otherwise JIT-build a shared-memory op used only for inference.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, load_universal))
     return module, engine
 
 
-def _resume(engine: Any, cfg: Config, rank: int) -> _RunState:
-    """Load `ray.train.get_checkpoint()` into the engine (every rank its shard) and the run state."""
+def _checkpoint_world() -> int | None:
+    """How many workers wrote `ray.train.get_checkpoint()` (None: no checkpoint, or one from
+    before the count was recorded), read from its small state file alone."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    try:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE_FILE}") as f:
+            return json.loads(f.read()).get("world")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _to_universal(d: str, out: str) -> None:
+    """DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal) from the ZeRO checkpoint
+    in `d` (every rank's partitions) to a universal one in `out`/DS_TAG: per-parameter fp32
+    weights and Adam moments that ZeRO re-partitions for another worker count. In-process
+    (one extract / merge worker): a Ray worker should not fork a process pool."""
+    from unittest import mock
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = ["ds_to_universal", "--input_folder", str(Path(d, DS_TAG)), "--output_folder", str(Path(out, DS_TAG)),
+            "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+    with mock.patch.object(sys, "argv", argv):
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+
+
+def _resume(engine: Any, cfg: Config, rank: int, universal: bool = False) -> _RunState:
+    """Load `ray.train.get_checkpoint()` into the engine (every rank its shard) and the run state.
+    `universal`: the checkpoint was written by another worker count; each rank converts it
+    (`_to_universal`, into its own folder: ranks on other nodes share no disk) and loads that."""
     import ray.train
 
     state = _RunState()
@@ -267,7 +312,12 @@ def _resume(engine: Any, cfg: Config, rank: int) -> _RunState:
     if ckpt is None:
         return state
     with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=DS_TAG)
+        if universal:
+            with tempfile.TemporaryDirectory(prefix="recsys-universal-") as uni:
+                _to_universal(d, uni)
+                engine.load_checkpoint(uni, tag=DS_TAG)
+        else:
+            engine.load_checkpoint(d, tag=DS_TAG)
         saved = json.loads(Path(d, STATE_FILE).read_text()) if Path(d, STATE_FILE).exists() else {}
     state.best = saved.get("best", state.best)
     state.stopped = bool(saved.get("stopped"))
@@ -348,7 +398,9 @@ def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, ran
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)
         # Every rank reads the state on resume (the best evaluation so far).
-        Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped}))
+        # `world`: a resume with another worker count knows to re-cut ZeRO's partitions.
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped, "world": world}))
         if rank == 0:
             Path(tmp, "config.yaml").write_text(to_yaml(cfg))
         ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
@@ -370,15 +422,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     negatives = hard_negatives_for(items, cfg)
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id or 0
-    module, engine = _engine(cfg)
+    saved_world = _checkpoint_world()
+    regrid = saved_world is not None and saved_world != world
+    if regrid and rank == 0:
+        log.warning("resuming with %d workers a run checkpointed by %d: ZeRO's partitions are re-cut from a universal "
+                    "checkpoint, the global batch is now %d x %d rows, and the data stream continues after the examples "
+                    "consumed in total (not in the order an uninterrupted run would have read them)",
+                    world, saved_world, world, t.rows_per_batch)
+    # ZeRO-0 checkpoints are whole on every rank: any worker count loads them as they are.
+    universal = regrid and t.zero_stage > 0
+    module, engine = _engine(cfg, load_universal=universal)
     validator = None
     if t.eval_every:
         from recsys.validation import Validator
 
         validator = Validator(cfg, items.ids, items.texts, rank, world, batch_size=max(t.batch_size, 64))
-    state = _resume(engine, cfg, rank)
+    state = _resume(engine, cfg, rank, universal=universal)
     step = start_step = engine.global_steps
-    skipped = start_step * t.grad_accum
+    # Batches per rank to walk past: what the checkpointed steps consumed, over all its ranks.
+    skipped = -(-start_step * t.grad_accum * saved_world // world) if regrid else start_step * t.grad_accum
     stream = _stream(ray.train.get_dataset_shard("train"), t, rank, world, skipped)
     meter = _Meter()
     summary: dict[str, Any] = {}

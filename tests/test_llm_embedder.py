@@ -426,3 +426,22 @@ def test_lora_zero3_engine_trains_and_exports_on_two_processes(tiny_decoder, tmp
     b = {k: v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k}
     assert len(b) == 2 * len(targets) and all(float(v.abs().max()) > 0 for v in b.values()), "LoRA B weights stayed zero"
     _check_export(out, tiny_decoder, lora_targets=targets)
+
+
+def test_lora_zero3_bf16_with_a_projection_trains_on_two_processes(tiny_decoder, tmp_path) -> None:
+    """bf16 under ZeRO-3: zero.Init gives from_pretrained's weights bf16, but the projection and
+    the adapters are built beside them in fp32, which ZeRO-3 keeps (a bf16 hidden state met an
+    fp32 projection weight: "expected m1 and m2 to have the same dtype"). recsys.train._engine
+    casts them to the engine's dtype."""
+    import torch.multiprocessing as mp
+
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_decoder}", "model.pooling=last", "model.attn_implementation=sdpa", "model.projection_dim=16",
+        f"model.lora={json.dumps({**LORA, 'target_modules': ['q_proj', 'v_proj']})}", "train.precision=bf16",
+        "train.zero_stage=3", "train.lr=5e-3", "train.warmup_steps=1", "train.max_steps=3", "train.batch_size=8",
+        f"storage.root={tmp_path / 'root'}", "train.run_name=engine-bf16",
+    ])
+    mp.start_processes(_engine_worker, args=(2, _free_port(), cfg.model_dump(mode="json"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert len(got["losses"]) == 3 and np.isfinite(got["losses"]).all(), got["losses"]

@@ -106,6 +106,31 @@ def test_resume_continues_from_the_checkpoint(prepared) -> None:
     assert json.loads(storage.read_bytes(storage.join(ckpt, "recsys_state.json"), cfg2.storage))["step"] == 6
 
 
+# ~2 min each (two runs): slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_run_resumes_with_another_worker_count(prepared, stage) -> None:
+    """Issue 18: checkpointed by 2 workers at step 4, re-submitted with 1. DeepSpeed refuses a
+    ZeRO checkpoint of another data-parallel size; the resume converts it to a universal one
+    (DeepSpeed's converter) and ZeRO re-cuts the partitions. The run finishes every step once,
+    goes on from the checkpoint's weights and schedule, and walks past the 2 x 4 batches the
+    two workers consumed."""
+    from recsys import train
+
+    two = _cfg(prepared, zero_stage=stage, run_name=f"regrid{stage}", max_steps=4, checkpoint_every=2, num_workers=2)
+    train.run(two)
+    one = _cfg(prepared, zero_stage=stage, run_name=f"regrid{stage}", max_steps=6, checkpoint_every=2, num_workers=1)
+    summary = train.run(one)
+    rows = _metrics(one)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and summary["resumed_from_step"] == 4
+    assert [r["start_step"] for r in rows] == [0, 0, 0, 0, 4, 4]
+    assert [r["skipped_batches"] for r in rows][4:] == [8, 8]
+    # The learning rate goes on along the schedule the checkpoint carries (linear decay to step 6).
+    lr = one.train.lr
+    assert rows[4]["lr"] == pytest.approx(lr * (6 - 5) / (6 - one.train.warmup_steps), rel=1e-6), rows[4]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
 def _registered_step(cfg) -> int:
     """The step of the latest checkpoint Ray Train's controller has registered (0 = none)."""
     uri = storage.join(cfg.storage.root, cfg.train.run_name, "checkpoint_manager_snapshot.json")
@@ -159,7 +184,7 @@ def test_a_run_survives_killed_workers_and_resumes_from_the_last_checkpoint(prep
 
     from recsys import train
 
-    steps = 10 if len(kills) == 1 else 16  # room after the last kill for the restart to resume and go on
+    steps = 12 if len(kills) == 1 else 16  # room after the last kill for the restart to resume and go on
     cfg = _cfg(prepared, zero_stage=2, run_name=f"crash{len(kills)}", max_steps=steps, checkpoint_every=2, max_failures=len(kills))
     killed: list[tuple[int, int]] = []
     done = threading.Event()
@@ -179,6 +204,11 @@ def test_a_run_survives_killed_workers_and_resumes_from_the_last_checkpoint(prep
     # registered when the last kill was sent (itself newer than the previous kill's step).
     assert resumed % 2 == 0 and resumed >= killed[-1][2] > (killed[-2][0] if len(killed) > 1 else 0), (resumed, killed)
     assert [r["skipped_batches"] for r in rows][resumed:] == [resumed] * (steps - resumed)
+    ckpt = "s3://" + summary["checkpoint"]
+    saved = storage.read_bytes(storage.join(ckpt, "config.yaml"), cfg.storage).decode()
+    assert cfg.storage.s3_secret_key not in saved and "s3_access_key: '***'" in saved, "no credentials in a checkpoint"
+    state = json.loads(storage.read_bytes(storage.join(ckpt, "recsys_state.json"), cfg.storage))
+    assert state["step"] == steps and state["world"] == 2
     if len(kills) == 1:
         return
     train.run(_cfg(prepared, zero_stage=2, run_name="crash-ref", max_steps=16, checkpoint_every=16))
