@@ -303,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seen.update("\x00".join(texts).encode())
         # Dropout's stream per (step, rank), as the masks': a resumed run draws what an
         # uninterrupted one draws at the same step (DeepSpeed's checkpoint holds no RNG state).
-        torch.manual_seed(p.seed + 1_000_003 * step + rank)
+        torch.manual_seed(p.seed + 1_000_003 * step + rank + 7_919)  # not the masks' seed: independent streams
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

@@ -86,8 +86,10 @@ def test_mlm_loss_falls_and_the_output_is_the_encoder_train_reads(prepared, tmp_
 def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_step_count(prepared) -> None:
     from recsys import pretrain
 
-    pretrain.run(_cfg(prepared, steps=4, checkpoint_every=2, run_name="mlm-resume"))
-    cfg = _cfg(prepared, steps=6, checkpoint_every=2, run_name="mlm-resume")
+    # warmup 6: the learning rate of steps 1-6 does not depend on the budget (4 or 6 steps), so the
+    # resumed run's losses can be compared with an uninterrupted run's at every step.
+    pretrain.run(_cfg(prepared, steps=4, checkpoint_every=2, warmup=6, run_name="mlm-resume"))
+    cfg = _cfg(prepared, steps=6, checkpoint_every=2, warmup=6, run_name="mlm-resume")
     summary = pretrain.run(cfg)
     rows = pretrain.read_metrics(cfg)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -95,14 +97,14 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_step_count(prepar
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
     # A resumed run reads what an uninterrupted one reads, at every step (the corpus order is a
     # seeded hash of the texts, not Ray's block completion order)...
-    ref_cfg = _cfg(prepared, steps=6, checkpoint_every=6, run_name="mlm-resume-ref")
+    ref_cfg = _cfg(prepared, steps=6, checkpoint_every=6, warmup=6, run_name="mlm-resume-ref")
     pretrain.run(ref_cfg)
     ref = pretrain.read_metrics(ref_cfg)
     assert [r["batch_hash"] for r in rows] == [r["batch_hash"] for r in ref], "the same texts at every step"
     assert len({r["batch_hash"] for r in ref}) == 6
-    # ... and masks, dropout and initialisation are seeded: the same losses while the two budgets'
-    # learning rates agree (steps 1-3; from the third update on, a 4-step budget decays faster).
-    np.testing.assert_allclose([r["loss"] for r in rows[:3]], [r["loss"] for r in ref[:3]], rtol=1e-5)
+    # ... and masks, dropout and initialisation are seeded, and the optimizer's state is resumed:
+    # the same losses at every step, the two after the resume included.
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-4)
 
 
 @pytest.mark.ray
