@@ -350,12 +350,13 @@ def test_llama_lora_zero3_bf16_with_the_gradient_cache_trains(prepared_llm, tmp_
     from recsys.encoder import make_tiny_decoder
 
     llama = make_tiny_decoder(tmp_path / "llama", arch="llama")
-    cfg = _train_cfg(prepared_llm, run_name="lora-llama", max_steps=10, checkpoint_every=10, precision="bf16",
-                     batch_size=4, contrastive_batch=8, tokenize_in="pipeline")
+    cfg = _train_cfg(prepared_llm, run_name="lora-llama", max_steps=16, checkpoint_every=16, precision="bf16",
+                     batch_size=4, contrastive_batch=8, tokenize_in="pipeline", lr=2e-3)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": llama, "separate_towers": True})})
     train.run(cfg)
     losses = [r["loss"] for r in _rows(cfg)]
-    assert len(losses) == 10 and np.isfinite(losses).all() and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    # 8-row batches: one batch's loss is noisy, so the first and last quarters are compared.
+    assert len(losses) == 16 and np.isfinite(losses).all() and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
 
 
 def _engine_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
