@@ -777,10 +777,9 @@ class TextEncoder:
         separate = bool(meta.get("separate_towers", False))
         q_path = str(Path(path) / "query") if separate else path
         i_path = str(Path(path) / "item") if separate else path
-        # An export's tokenizer was saved prepared (pad token, side, EOS); a base model's is
-        # prepared here exactly as training prepared it (recsys.model.load_tokenizer).
-        # An export's tokenizer was saved with the side it was trained with: "auto" keeps it
-        # (it would pick left for last-token pooling even where training padded right).
+        # An export's tokenizer was saved prepared (pad token, side, EOS): "auto" keeps its side
+        # (it would pick left for last-token pooling even where training padded right). A base
+        # model's is prepared here exactly as training prepared it (recsys.model.load_tokenizer).
         tokenizer = AutoTokenizer.from_pretrained(q_path)
         side = tokenizer.padding_side if meta and padding_side == "auto" else padding_side
         self.tokenizer = prepare_tokenizer(tokenizer, self.pooling, side)

@@ -381,7 +381,7 @@ def _validate(validator: Any, engine: Any, module: TrainStep, tokenizer: Any, cf
             "stopped_early": state.stopped, "eval_s": time.perf_counter() - t_eval}, improved
 
 
-def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, rank: int, checkpoint: bool) -> None:
+def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, rank: int, world: int, checkpoint: bool) -> None:
     """Every rank reports the row; with `checkpoint`, every rank saves its DeepSpeed shard and the
     run state into the checkpoint Ray Train merges (rank 0 adds the resolved config)."""
     import ray.train
@@ -399,7 +399,6 @@ def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, ran
         engine.save_checkpoint(tmp, tag=DS_TAG)
         # Every rank reads the state on resume (the best evaluation so far).
         # `world`: a resume with another worker count knows to re-cut ZeRO's partitions.
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped, "world": world}))
         if rank == 0:
             Path(tmp, "config.yaml").write_text(to_yaml(cfg))
@@ -475,7 +474,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row.update(scores)
             meter.restart()  # examples/s of the next interval excludes the evaluation
         # Also after a better evaluation: a resumed run then knows the export is that step's.
-        _report(engine, row, cfg, state, rank, checkpoint=checkpoint_now or state.stopped or improved)
+        _report(engine, row, cfg, state, rank, world, checkpoint=checkpoint_now or state.stopped or improved)
         summary = row
     stream.close()
 
