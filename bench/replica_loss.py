@@ -302,6 +302,40 @@ def node_loss(base_url: str, app: str, item_ids: list[str], node: subprocess.Pop
             "store_on_it": store_node != head, **summarise(traffic, t_kill, recovered)}
 
 
+def bench_args(model: str = "", n_items: int = 200, prefix: str = "replica-loss-") -> tuple[dict[str, Any], list[str]]:
+    """A temporary directory with the model (a tiny random BERT unless `model`), `n_items` items
+    as parquet and room for the profile log: the app args the benches share (0.2 CPU a replica),
+    and the item ids."""
+    import pyarrow.parquet as pq
+
+    from bench.serve_load import _items
+    from recsys.encoder import make_tiny_bert
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    model = model or make_tiny_bert(tmp / "model")
+    items = _items(n_items)
+    (tmp / "items").mkdir()
+    pq.write_table(items, tmp / "items" / "part-00000.parquet")
+    base = {"model_uri": model, "items_uri": str(tmp / "items"), "replica_cpus": 0.2, "profile_log_dir": str(tmp / "profiles")}
+    return base, items.column("item_id").to_pylist()
+
+
+def start_serve() -> int:
+    """A private local Ray cluster (4 logical CPUs) and Serve on a free loopback port; the port."""
+    from ray import serve
+
+    from recsys.runtime import ensure_ray
+    from recsys.storage import free_port
+
+    ensure_ray(num_cpus=4)
+    port = free_port()
+    # One proxy, on the head, which the clients call: a second node's proxy could not bind the
+    # same port on this machine (on a real cluster each node has its own behind a load balancer).
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=4)
@@ -315,28 +349,12 @@ def main() -> None:
     a = p.parse_args()
     scenarios = set(a.scenarios.split(","))
 
-    import pyarrow.parquet as pq
     from ray import serve
 
-    from bench.serve_load import _items
-    from recsys.encoder import make_tiny_bert
-    from recsys.runtime import ensure_ray
-    from recsys.storage import free_port
     from serve.app import app_builder
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp = Path(tempfile.mkdtemp(prefix="replica-loss-"))
-    model = a.model or make_tiny_bert(tmp / "model")
-    items = _items(200)
-    (tmp / "items").mkdir()
-    pq.write_table(items, tmp / "items" / "part-00000.parquet")
-    ids = items.column("item_id").to_pylist()
-    ensure_ray(num_cpus=4)
-    port = free_port()
-    # One proxy, on the head, which the clients call: a second node's proxy could not bind the
-    # same port on this machine (on a real cluster each node has its own behind a load balancer).
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    base = {"model_uri": model, "items_uri": str(tmp / "items"), "replica_cpus": 0.2, "profile_log_dir": str(tmp / "profiles")}
+    base, ids = bench_args(a.model)
+    port = start_serve()
     out = []
     try:
         for n in (2, 1):

@@ -84,6 +84,10 @@ class StorageConfig(_Section):
     # when these are empty, so secrets never need to be written into a YAML.
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    # Attempts per S3 request (pyarrow's and botocore's "standard" retry strategies: exponential
+    # backoff with jitter). 10 rode out an S3 server away for 30 s here (a restart, a
+    # failover); the SDKs' default of 3 gave up after ~2 s here (docs/reliability.md).
+    s3_max_attempts: PositiveInt = 10
 
 
 class DataConfig(_Section):

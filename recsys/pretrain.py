@@ -41,12 +41,15 @@ import torch
 
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
+from recsys.runtime import checkpoint_upload
 from recsys.train import (
     _all_ranks_digest,
+    _checkpoint_world,
     _global_mean,
     _ingest_options,
     _lr_lambda,
     _read_metrics,
+    _to_universal,
     _write_metrics,
     deepspeed_config,
     param_groups,
@@ -154,10 +157,10 @@ def _seeded_order(corpus: Any, seed: int, rows: int, workers: int) -> Any:
             .sort("_order").repartition(blocks, shuffle=False).drop_columns(["_order"]))
 
 
-def _ds_config(cfg: Config) -> dict[str, Any]:
+def _ds_config(cfg: Config, load_universal: bool = False) -> dict[str, Any]:
     """train's DeepSpeed config (ZeRO stage, precision, offload) at pretrain's batch size."""
     t = cfg.train.model_copy(update={"batch_size": cfg.pretrain.batch_size, "grad_accum": 1, "contrastive_batch": 0})
-    return deepspeed_config(cfg.model_copy(update={"train": t}))
+    return deepspeed_config(cfg.model_copy(update={"train": t}), load_universal)
 
 
 def load_mlm(cfg: Config, dtype: torch.dtype | None = None) -> tuple[Any, list[str]]:
@@ -276,19 +279,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay), lr=p.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(p.warmup, p.steps))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # an inference-only op built at every start
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(cfg))
+    # Another worker count than the checkpoint's: ZeRO's partitions are re-cut from a universal
+    # checkpoint, as train does (ZeRO-0 checkpoints are whole and load as they are).
+    saved_world = _checkpoint_world(STATE_FILE)
+    regrid = saved_world is not None and saved_world != world
+    universal = regrid and cfg.train.zero_stage > 0
+    if regrid and rank == 0:
+        log.warning("pretrain resumes with %d workers a run checkpointed by %d: the global batch is now %d x %d texts, and "
+                    "the stream continues after the texts consumed in total", world, saved_world, world, p.batch_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(cfg, universal))
 
     rows: list[dict[str, Any]] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)
+            if universal:
+                with tempfile.TemporaryDirectory(prefix="recsys-universal-") as uni:
+                    _to_universal(d, uni)
+                    engine.load_checkpoint(uni, tag=DS_TAG)
+            else:
+                engine.load_checkpoint(d, tag=DS_TAG)
         if rank == 0:
             rows = [r for r in read_metrics(cfg) if r["step"] <= engine.global_steps]
             log.info("pretrain resumed from checkpoint at step %d", engine.global_steps)
     step = start = engine.global_steps
     masker = _Masker(tokenizer, cfg)
-    stream = _stream(ray.train.get_dataset_shard("train"), cfg, rank, world, skip=start)
+    # Batches per rank to walk past: what the checkpointed steps consumed, over all its ranks.
+    skip = -(-start * saved_world // world) if regrid and saved_world else start
+    stream = _stream(ray.train.get_dataset_shard("train"), cfg, rank, world, skip=skip)
     losses: list[float] = []
     tokens = masked = 0
     seen = hashlib.blake2b(digest_size=8)
@@ -323,7 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {
             "step": step, "loss": _global_mean(float(np.mean(losses)), world, engine.device), "lr": float(engine.get_lr()[0]),
             "tokens": int(t[0]), "masked_tokens": int(t[1]), "tokens_total": tokens_total,
-            "step_s": (now - t_last) / max(1, len(losses)), "data_wait_s": wait, "start_step": start,
+            "step_s": (now - t_last) / max(1, len(losses)), "data_wait_s": wait, "start_step": start, "skipped_batches": skip,
             # Every rank's texts since the last row: equal in a resumed and an uninterrupted run.
             "batch_hash": _all_ranks_digest(seen.digest(), engine.device),
         }
@@ -336,10 +354,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint_now:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=DS_TAG)
-                Path(tmp, STATE_FILE).write_text(json.dumps({"step": step}))
+                # `world`: a resume with another worker count knows to re-cut ZeRO's partitions.
+                Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "world": world}))
                 if rank == 0:
                     Path(tmp, "config.yaml").write_text(to_yaml(cfg))
-                ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
+                ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_upload_fn=checkpoint_upload(cfg, cfg.pretrain.run_name))
         else:
             ray.train.report(row)
         summary = row

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,3 +159,26 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def checkpoint_upload(cfg: Config, run_name: str) -> Callable[[Any, str], Any]:
+    """`ray.train.report(checkpoint_upload_fn=...)`: each rank uploads its checkpoint files with
+    the storage's own filesystem and checks they all arrived before it reports.
+
+    Ray Train's default upload is `pyarrow.fs.copy_files`, which through an fsspec filesystem
+    (ours for S3, see storage.train_filesystem) returns without an error when writes fail
+    (pyarrow 26, measured with the S3 server down): Ray then registers a checkpoint whose files
+    are missing as the latest, and a resume from it fails. A failed upload raises here instead,
+    the report fails, and the group restarts from the last whole checkpoint (train.max_failures).
+    """
+    from recsys import storage
+
+    def upload(checkpoint: Any, dir_name: str) -> Any:
+        import ray.train
+
+        storage.upload_dir_verified(checkpoint.path, storage.join(cfg.storage.root, run_name, dir_name), cfg.storage)
+        # What Ray registers: the same folder, on the run's own storage filesystem.
+        run = ray.train.get_context().get_storage()
+        return ray.train.Checkpoint(path=f"{run.experiment_fs_path}/{dir_name}", filesystem=run.storage_filesystem)
+
+    return upload

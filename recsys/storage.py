@@ -65,7 +65,10 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSys
     if uri.startswith("s3://"):
         apply_s3_compat_env()
         key, secret = _credentials(cfg)
-        kwargs: dict[str, Any] = {"region": cfg.s3_region}
+        kwargs: dict[str, Any] = {
+            "region": cfg.s3_region,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.s3_max_attempts),
+        }
         if key and secret:
             kwargs.update(access_key=key, secret_key=secret)
         if cfg.s3_endpoint:
@@ -81,6 +84,13 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSys
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
+def task_filesystem(uri: str, cfg: StorageConfig) -> pafs.FileSystem:
+    """The filesystem for a Ray task, built where it runs from the (picklable) config: pyarrow's
+    S3FileSystem pickles without its retry_strategy, so one passed to a task falls back to 3
+    attempts (pyarrow 26)."""
+    return filesystem(uri, cfg)[0]
+
+
 def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None) -> Any:
     """An fsspec filesystem for the URI (s3fs for s3://, with the endpoint override)."""
     import fsspec
@@ -89,11 +99,13 @@ def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None) -> Any:
     if uri.startswith("s3://"):
         apply_s3_compat_env()
         key, secret = _credentials(cfg)
-        opts: dict[str, Any] = {"key": key, "secret": secret}
+        # botocore retries connection errors itself; s3fs's own loop covers only a few others.
+        config: dict[str, Any] = {"retries": {"max_attempts": cfg.s3_max_attempts, "mode": "standard"}}
+        opts: dict[str, Any] = {"key": key, "secret": secret, "config_kwargs": config}
         if cfg.s3_endpoint:
             opts["endpoint_url"] = cfg.s3_endpoint
             opts["client_kwargs"] = {"region_name": cfg.s3_region}
-            opts["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+            config["s3"] = {"addressing_style": "path"}
         return fsspec.filesystem("s3", **opts)
     if uri.startswith("gs://"):
         return fsspec.filesystem("gcs")
@@ -190,6 +202,33 @@ def upload_dir(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None
                 out.write(p.read_bytes())
 
 
+class IncompleteUploadError(OSError):
+    """Files of an upload are missing or short at the destination after it returned."""
+
+
+def upload_dir_verified(local_dir: str | Path, uri: str, cfg: StorageConfig | None = None) -> None:
+    """upload_dir, then every uploaded file checked at the destination (present, same size).
+
+    Remote files go through fsspec: s3fs sends a file under twice its 50 MB block in one PUT,
+    which botocore retries whole, where pyarrow's multipart stream lost its upload to an S3
+    server restart (NoSuchUpload). Other writers may add files beside ours (the ranks of one
+    checkpoint), so only ours are checked."""
+    local_dir = Path(local_dir)
+    ours = {p.relative_to(local_dir).as_posix(): p.stat().st_size for p in local_dir.rglob("*") if p.is_file()}
+    if is_remote(uri):
+        ffs, base = fsspec_filesystem(uri, cfg), uri.split("://", 1)[1].rstrip("/")
+        for rel in sorted(ours):
+            ffs.put_file(str(local_dir / rel), f"{base}/{rel}")
+    else:
+        upload_dir(local_dir, uri, cfg)
+    fs, path = filesystem(uri, cfg)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    sizes = {i.path[len(path):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+    bad = sorted(k for k, n in ours.items() if sizes.get(k) != n)
+    if bad:
+        raise IncompleteUploadError(f"upload of {local_dir} to {uri}: {len(bad)} of {len(ours)} files missing or short there: {bad[:5]}")
+
+
 def clear_dir(uri: str, cfg: StorageConfig | None = None, marker: str = "") -> None:
     """Delete every file under a directory URI (nothing to do when it is absent).
 
@@ -284,6 +323,9 @@ class LocalS3Server:
     port: int = 0
     access_key: str = "recsys"
     secret_key: str = "recsys-secret"
+    # rclone's -vv: every request is logged ("serve s3: GET OBJECT Bucket: b Object: k"), which
+    # is how fault tests see how far a client got.
+    log_requests: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -328,6 +370,7 @@ class LocalS3Server:
                 f"127.0.0.1:{self.port}",
                 "--vfs-cache-mode",
                 "off",
+                *(["-vv"] if self.log_requests else []),
                 str(self.root),
             ],
             env=env,

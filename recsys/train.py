@@ -33,7 +33,7 @@ from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
 from recsys.items import ItemTable
 from recsys.losses import SampledSoftmaxLoss
-from recsys.runtime import ensure_ray, print_progress
+from recsys.runtime import checkpoint_upload, ensure_ray, print_progress
 from recsys.train_step import TrainStep, contrastive_step
 from recsys.validation import headline
 
@@ -271,7 +271,7 @@ def _engine(cfg: Config, load_universal: bool = False) -> tuple[TrainStep, Any]:
     return module, engine
 
 
-def _checkpoint_world() -> int | None:
+def _checkpoint_world(state_file: str = STATE_FILE) -> int | None:
     """How many workers wrote `ray.train.get_checkpoint()` (None: no checkpoint, or one from
     before the count was recorded), read from its small state file alone."""
     import ray.train
@@ -280,7 +280,7 @@ def _checkpoint_world() -> int | None:
     if ckpt is None:
         return None
     try:
-        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{STATE_FILE}") as f:
+        with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{state_file}") as f:
             return json.loads(f.read()).get("world")
     except (FileNotFoundError, OSError):
         return None
@@ -402,7 +402,7 @@ def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, ran
         Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped, "world": world}))
         if rank == 0:
             Path(tmp, "config.yaml").write_text(to_yaml(cfg))
-        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp))
+        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp), checkpoint_upload_fn=checkpoint_upload(cfg, cfg.train.run_name))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

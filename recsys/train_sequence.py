@@ -29,6 +29,7 @@ import torch
 from recsys.config import SequenceConfig
 from recsys.losses import full_softmax_loss, sampled_softmax_loss
 from recsys.metrics import average, per_query_metrics
+from recsys.runtime import checkpoint_upload
 from recsys.sequence import SequenceCatalog, SequenceModel, SequenceTower
 from recsys.sequence_joint import check_joint
 
@@ -319,7 +320,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({**st, "fingerprint": data["fingerprint"]}, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_upload_fn=checkpoint_upload(cfg, f"{cfg.train.run_name}-sequence"))
         else:
             ray.train.report(metrics)
 

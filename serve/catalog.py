@@ -28,7 +28,7 @@ def storage_cfg(a: AppArgs) -> Any:
     from recsys.config import StorageConfig
 
     # Keys empty: recsys.storage reads them from the replica's environment.
-    return StorageConfig(s3_endpoint=a.s3_endpoint)
+    return StorageConfig(s3_endpoint=a.s3_endpoint, s3_max_attempts=a.s3_max_attempts)
 
 
 def open_encoder(a: AppArgs, model_uri: str) -> Any:

@@ -49,7 +49,8 @@ def app_args(cfg: Any) -> dict[str, Any]:
         log.info("no index at %s: the replicas embed the catalog with model %s at start-up", paths.index_dir(cfg), model_id)
     shared = {k: getattr(s, k) for k in AppArgs.model_fields if hasattr(s, k)}
     args = {**shared, "model_uri": model_uri, "items_uri": s.items_uri or paths.items(cfg), "index_uri": index,
-            "s3_endpoint": cfg.storage.s3_endpoint, "profile_log_dir": _profile_log_dir(cfg)}
+            "s3_endpoint": cfg.storage.s3_endpoint, "s3_max_attempts": cfg.storage.s3_max_attempts,
+            "profile_log_dir": _profile_log_dir(cfg)}
     AppArgs(**args)  # fail here, in the job, on a bad value rather than in a replica
     return args
 

@@ -44,6 +44,7 @@ class AppArgs(ServeArgs):
     # The profile log is rewritten as one snapshot line per user past this many lines.
     profile_log_compact_lines: int = Field(10_000, ge=1)
     s3_endpoint: str = ""
+    s3_max_attempts: int = Field(10, ge=1)  # storage.s3_max_attempts: a replica loading rides out an S3 restart
 
 
 class Filters(Body):

@@ -107,6 +107,31 @@ def test_a_rerun_resumes_from_the_checkpoint_and_continues_the_step_count(prepar
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-4)
 
 
+# ~2-3 min (two fits): slow.
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_pretrain_resumes_with_another_worker_count(prepared, stage) -> None:
+    """Issue 18: a pretrain checkpointed by 2 workers and re-run with 1 finishes: the checkpoint
+    records its worker count, ZeRO's partitions are re-cut from DeepSpeed's universal
+    checkpoint, and the stream walks past the 2 x 4 batches the two workers consumed. Before,
+    DeepSpeed refused the ZeRO checkpoint of another data-parallel size."""
+    from recsys import pretrain
+
+    train = prepared.train.model_copy(update={"zero_stage": stage})
+    two = _cfg(prepared, steps=4, checkpoint_every=2, warmup=1, run_name=f"mlm-regrid{stage}", num_workers=2)
+    pretrain.run(two.model_copy(update={"train": train}))
+    one = _cfg(prepared, steps=6, checkpoint_every=2, warmup=1, run_name=f"mlm-regrid{stage}", num_workers=1)
+    summary = pretrain.run(one.model_copy(update={"train": train}))
+    rows = pretrain.read_metrics(one)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and summary["resumed_from_step"] == 4
+    assert [r["start_step"] for r in rows] == [0, 0, 0, 0, 4, 4]
+    assert [r["skipped_batches"] for r in rows] == [0, 0, 0, 0, 8, 8]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    # The learning rate goes on along the checkpoint's schedule (linear decay to step 6).
+    assert rows[4]["lr"] == pytest.approx(one.pretrain.lr * (6 - 5) / (6 - 1), rel=1e-6), rows[4]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_pipeline_chains_pretrain_into_train(prepared) -> None:

@@ -550,8 +550,9 @@ def _read_raw(
 
     def per_file(fn: Callable[..., Iterator[pa.Table]]) -> ray.data.Dataset:
         files_ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+        first = files[0]  # the task rebuilds the filesystem: see storage.task_filesystem
         return files_ds.map_batches(
-            lambda b: fn(b, fs, columns, prefix), batch_size=1, batch_format="pyarrow"
+            lambda b: fn(b, storage.task_filesystem(first, cfg), columns, prefix), batch_size=1, batch_format="pyarrow"
         )
 
     if fmt == "parquet":
@@ -684,7 +685,8 @@ def _count_csv(fs: pafs.FileSystem, path: str) -> tuple[int, int]:
     return total, total - records(ignore_empty_lines=True)[0]
 
 
-def _count_text_files(fs: pafs.FileSystem, paths: list[str], fmt: str) -> list[tuple[int, int]]:
+def _count_text_files(uri: str, cfg: StorageConfig, paths: list[str], fmt: str) -> list[tuple[int, int]]:
+    fs = storage.task_filesystem(uri, cfg)
     out = []
     for path in paths:
         if fmt == "csv":
@@ -708,7 +710,7 @@ def count_rows(uri: Source, cfg: StorageConfig, fmt: str = "auto", key: str = "d
         return {"files": len(files), "rows": int(rows), "blank_lines": 0}
     groups = max(1, min(len(paths), 2 * int(ray.cluster_resources().get("CPU", 1))))
     task = ray.remote(num_cpus=0.25)(_count_text_files)
-    refs = [task.remote(fs, paths[g::groups], fmt) for g in range(groups)]
+    refs = [task.remote(files[0], cfg, paths[g::groups], fmt) for g in range(groups)]
     counts = [c for part in ray.get(refs) for c in part]
     return {
         "files": len(files),

@@ -1,0 +1,99 @@
+"""Faults for tests and benches: the real S3 server (rclone) stopped and restarted on its own
+port, triggered from outside by what the server shows (its request log, the files an upload
+creates), never by a hook in the code under test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from recsys.storage import LocalS3Server
+
+
+@dataclass
+class Outage:
+    """What a fault thread did: when the server went down and came back, and what it saw then."""
+
+    seen: dict[str, int] = field(default_factory=dict)
+    down_at: float = 0.0
+    up_at: float = 0.0
+    error: BaseException | None = None
+
+
+def restart(server: LocalS3Server, down_s: float) -> tuple[float, float]:
+    """Stop the server by its PID, keep it down `down_s` seconds, start it on the same port."""
+    port = server.port
+    server.stop()
+    down_at = time.monotonic()
+    time.sleep(down_s)
+    server.port = port
+    server.start()
+    return down_at, time.monotonic()
+
+
+def logging_requests(server: LocalS3Server) -> int:
+    """Restart the server with its request log on; returns the log's offset from which on
+    `gets` counts."""
+    server.log_requests = True
+    restart(server, down_s=0.0)
+    return server.log_path.stat().st_size
+
+
+def gets(server: LocalS3Server, bucket: str, key_prefix: str, offset: int) -> int:
+    """GET requests the server logged since `offset` for objects under `bucket/key_prefix`."""
+    with server.log_path.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return text.count(f"GET OBJECT Bucket: {bucket} Object: {key_prefix}")
+
+
+def when(condition: Callable[[], dict[str, int] | None], fault: Callable[[], tuple[float, float]], done: threading.Event,
+         poll_s: float = 0.01) -> tuple[threading.Thread, Outage]:
+    """A thread that polls `condition` until it returns what it saw, then runs `fault`."""
+    out = Outage()
+
+    def watch() -> None:
+        try:
+            while not done.is_set():
+                seen = condition()
+                if seen is not None:
+                    out.seen = seen
+                    out.down_at, out.up_at = fault()
+                    return
+                time.sleep(poll_s)
+        except BaseException as e:  # surfaced by the test, not lost in the thread
+            out.error = e
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t, out
+
+
+def frozen(server: LocalS3Server, then: Callable[[], None], hold_s: float = 1.0) -> tuple[float, float]:
+    """SIGSTOP the server (requests in flight hang half done), run `then`, hold, SIGCONT."""
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    down_at = time.monotonic()
+    try:
+        then()
+        time.sleep(hold_s)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    return down_at, time.monotonic()
+
+
+def kill_train_worker(address: str) -> int:
+    """SIGKILL one live Ray Train worker process of the cluster at `address` (as an OOM kill or
+    a lost node would), from outside; returns its PID, 0 when none was alive."""
+    from ray.util.state import list_actors
+
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if not workers:
+        return 0
+    pid = int(workers[0].pid)
+    os.kill(pid, signal.SIGKILL)
+    return pid
