@@ -359,7 +359,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     Path(tmp, "config.yaml").write_text(to_yaml(cfg))
                 ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_upload_fn=checkpoint_upload(cfg, cfg.pretrain.run_name))
+                                 checkpoint_upload_fn=checkpoint_upload(cfg))
         else:
             ray.train.report(row)
         summary = row

@@ -161,7 +161,7 @@ class Progress:
             self.bar.close()
 
 
-def checkpoint_upload(cfg: Config, run_name: str) -> Callable[[Any, str], Any]:
+def checkpoint_upload(cfg: Config) -> Callable[[Any, str], Any]:
     """`ray.train.report(checkpoint_upload_fn=...)`: each rank uploads its checkpoint files with
     the storage's own filesystem and checks they all arrived before it reports.
 
@@ -169,16 +169,19 @@ def checkpoint_upload(cfg: Config, run_name: str) -> Callable[[Any, str], Any]:
     (ours for S3, see storage.train_filesystem) returns without an error when writes fail
     (pyarrow 26, measured with the S3 server down): Ray then registers a checkpoint whose files
     are missing as the latest, and a resume from it fails. A failed upload raises here instead,
-    the report fails, and the group restarts from the last whole checkpoint (train.max_failures).
+    the report fails, and the group restarts from the last whole checkpoint (max_failures).
     """
     from recsys import storage
+
+    scheme = cfg.storage.root.split("://", 1)[0] + "://" if storage.is_remote(cfg.storage.root) else ""
 
     def upload(checkpoint: Any, dir_name: str) -> Any:
         import ray.train
 
-        storage.upload_dir_verified(checkpoint.path, storage.join(cfg.storage.root, run_name, dir_name), cfg.storage)
-        # What Ray registers: the same folder, on the run's own storage filesystem.
+        # The folder Ray's own upload would write: under the run's experiment path.
         run = ray.train.get_context().get_storage()
-        return ray.train.Checkpoint(path=f"{run.experiment_fs_path}/{dir_name}", filesystem=run.storage_filesystem)
+        path = f"{run.experiment_fs_path}/{dir_name}"
+        storage.upload_dir_verified(checkpoint.path, scheme + path, cfg.storage)
+        return ray.train.Checkpoint(path=path, filesystem=run.storage_filesystem)
 
     return upload

@@ -402,7 +402,7 @@ def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, ran
         Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped, "world": world}))
         if rank == 0:
             Path(tmp, "config.yaml").write_text(to_yaml(cfg))
-        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp), checkpoint_upload_fn=checkpoint_upload(cfg, cfg.train.run_name))
+        ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp), checkpoint_upload_fn=checkpoint_upload(cfg))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -321,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({**st, "fingerprint": data["fingerprint"]}, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_upload_fn=checkpoint_upload(cfg, f"{cfg.train.run_name}-sequence"))
+                                 checkpoint_upload_fn=checkpoint_upload(cfg))
         else:
             ray.train.report(metrics)
 
