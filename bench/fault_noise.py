@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.faults import frozen, kill_train_worker, when
+from bench.faults import complete_rows, frozen, kill_train_worker, when
 from recsys.config import Config, load_config
 from recsys.storage import LocalS3Server
 
@@ -73,17 +73,7 @@ def run_dir(server: LocalS3Server, cfg: Config) -> Path:
 
 def rows_on_disk(server: LocalS3Server, cfg: Config) -> list[dict[str, Any]]:
     """Rank 0's metric rows (metrics.jsonl); a line caught mid-write is left out."""
-    try:
-        text = (run_dir(server, cfg) / "metrics.jsonl").read_text()
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    return complete_rows(run_dir(server, cfg) / "metrics.jsonl")
 
 
 def snapshot(server: LocalS3Server, cfg: Config) -> dict[str, Any]:

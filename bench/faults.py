@@ -4,12 +4,16 @@ creates), never by a hook in the code under test."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from recsys.storage import LocalS3Server
 
@@ -73,6 +77,20 @@ def when(condition: Callable[[], dict[str, int] | None], fault: Callable[[], tup
     return t, out
 
 
+@contextmanager
+def fault_when(condition: Callable[[], dict[str, int] | None], fault: Callable[[], tuple[float, float]],
+               poll_s: float = 0.01, join_s: float = 60.0) -> Iterator[Outage]:
+    """`when` around a block: the fault thread watches while the block runs, and is stopped
+    (and waited for) when it ends."""
+    done = threading.Event()
+    watcher, out = when(condition, fault, done, poll_s)
+    try:
+        yield out
+    finally:
+        done.set()
+        watcher.join(timeout=join_s)
+
+
 def frozen(server: LocalS3Server, then: Callable[[], None], hold_s: float = 1.0) -> tuple[float, float]:
     """SIGSTOP the server (requests in flight hang half done), run `then`, hold, SIGCONT."""
     assert server.proc is not None
@@ -97,3 +115,19 @@ def kill_train_worker(address: str) -> int:
     pid = int(workers[0].pid)
     os.kill(pid, signal.SIGKILL)
     return pid
+
+
+def complete_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's JSON-lines metrics file read from disk while it is being written: the complete
+    rows (rank 0 rewrites the file every step, so a torn line is skipped; [] while absent)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

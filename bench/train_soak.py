@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.faults import complete_rows
+
 POLL_S = 2.0
 WORKER, CONTROLLER = "RayTrainWorker", "TrainController"
 
@@ -208,19 +210,6 @@ def estimate_max_steps(warm_rows: Sequence[dict[str, Any]], wall_s: float, durat
 # ---------------------------------------------------------------- the run
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The metrics file's complete rows (rank 0 rewrites it every step: a torn last line is skipped)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _processes(gcs: str) -> dict[str, int]:
@@ -309,7 +298,7 @@ def soak(cfg: Any, gcs: str, sample_s: float, ceiling_s: float) -> dict[str, Any
     while thread.is_alive() and time.monotonic() - t0 < ceiling_s:
         thread.join(POLL_S)
         now = time.monotonic()
-        for r in _read_rows(metrics):
+        for r in complete_rows(metrics):
             seen_at.setdefault(int(r["step"]), round(now - t0, 1))
         if now >= next_sample:
             next_sample += sample_s
@@ -331,9 +320,9 @@ def soak(cfg: Any, gcs: str, sample_s: float, ceiling_s: float) -> dict[str, Any
         print(f"past the ceiling of {ceiling_s:.0f}s: sampling stopped, waiting for the run to end by itself", flush=True)
         thread.join()
     end_s = time.monotonic() - t0
-    for r in _read_rows(metrics):
+    for r in complete_rows(metrics):
         seen_at.setdefault(int(r["step"]), round(end_s, 1))
-    return {"rows": _read_rows(metrics), "seen_at": seen_at, "samples": samples, "end_s": round(end_s, 1),
+    return {"rows": complete_rows(metrics), "seen_at": seen_at, "samples": samples, "end_s": round(end_s, 1),
             "overran": overran, "present_before": sorted(before), **outcome}
 
 
@@ -415,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             wsum, wall = _train(wcfg)
             from recsys import paths
 
-            estimate = estimate_max_steps(_read_rows(Path(paths.metrics_file(wcfg))), wall, a.duration_s, eps, a.checkpoint_every, half)
+            estimate = estimate_max_steps(complete_rows(Path(paths.metrics_file(wcfg))), wall, a.duration_s, eps, a.checkpoint_every, half)
             estimate.update(warmup_wall_s=round(wall, 1), warmup_steps=a.warmup_steps, warmup_summary_wall_s=wsum.get("wall_s"))
             shutil.rmtree(paths.run_dir(wcfg), ignore_errors=True)  # its checkpoint: disk, not the soak's
         report["estimate"] = estimate

@@ -49,9 +49,9 @@ from recsys.train import (
     _ingest_options,
     _lr_lambda,
     _read_metrics,
-    _to_universal,
     _write_metrics,
     deepspeed_config,
+    load_engine_checkpoint,
     param_groups,
 )
 
@@ -293,12 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            if universal:
-                with tempfile.TemporaryDirectory(prefix="recsys-universal-") as uni:
-                    _to_universal(d, uni)
-                    engine.load_checkpoint(uni, tag=DS_TAG)
-            else:
-                engine.load_checkpoint(d, tag=DS_TAG)
+            load_engine_checkpoint(engine, d, universal)
         if rank == 0:
             rows = [r for r in read_metrics(cfg) if r["step"] <= engine.global_steps]
             log.info("pretrain resumed from checkpoint at step %d", engine.global_steps)

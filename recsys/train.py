@@ -301,6 +301,18 @@ def _to_universal(d: str, out: str) -> None:
         ds_to_universal.main(ds_to_universal.parse_arguments())
 
 
+def load_engine_checkpoint(engine: Any, d: str, universal: bool) -> None:
+    """Load the DeepSpeed checkpoint in `d` into the engine; `universal`: it was written by another
+    worker count, so each rank converts it (`_to_universal`, into its own folder: ranks on other
+    nodes share no disk) and loads that."""
+    if universal:
+        with tempfile.TemporaryDirectory(prefix="recsys-universal-") as uni:
+            _to_universal(d, uni)
+            engine.load_checkpoint(uni, tag=DS_TAG)
+    else:
+        engine.load_checkpoint(d, tag=DS_TAG)
+
+
 def _resume(engine: Any, cfg: Config, rank: int, universal: bool = False) -> _RunState:
     """Load `ray.train.get_checkpoint()` into the engine (every rank its shard) and the run state.
     `universal`: the checkpoint was written by another worker count; each rank converts it
@@ -312,12 +324,7 @@ def _resume(engine: Any, cfg: Config, rank: int, universal: bool = False) -> _Ru
     if ckpt is None:
         return state
     with ckpt.as_directory() as d:
-        if universal:
-            with tempfile.TemporaryDirectory(prefix="recsys-universal-") as uni:
-                _to_universal(d, uni)
-                engine.load_checkpoint(uni, tag=DS_TAG)
-        else:
-            engine.load_checkpoint(d, tag=DS_TAG)
+        load_engine_checkpoint(engine, d, universal)
         saved = json.loads(Path(d, STATE_FILE).read_text()) if Path(d, STATE_FILE).exists() else {}
     state.best = saved.get("best", state.best)
     state.stopped = bool(saved.get("stopped"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults import gets, logging_requests, restart, when
+from bench.faults import fault_when, gets, logging_requests, restart, when
 from recsys import paths, storage
 from recsys.config import Config, DataConfig
 
@@ -48,13 +48,10 @@ def test_prepare_finishes_when_the_object_store_restarts_mid_read(ray_cluster: N
         n = shard_gets()
         return {"shard_gets": n} if n >= SHARDS // 2 else None
 
-    done = threading.Event()
-    watcher, outage = when(mid_read, lambda: restart(s3_server, down_s=DOWN_S), done)
     try:
-        manifest = run(cfg)
+        with fault_when(mid_read, lambda: restart(s3_server, down_s=DOWN_S)) as outage:
+            manifest = run(cfg)
     finally:
-        done.set()
-        watcher.join(timeout=60)
         s3_server.log_requests = False
     assert outage.error is None, outage.error
     assert outage.down_at, "the server was never stopped"

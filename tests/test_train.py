@@ -253,19 +253,13 @@ def test_a_checkpoint_upload_rides_out_an_object_store_restart(prepared, s3_serv
     Train's storage filesystem): the upload retries with backoff (storage.s3_max_attempts) and
     the run finishes in its first attempt, its checkpoints whole. With botocore's default 5
     attempts (~7 s) the report failed and the group restarted."""
-    import threading
 
-    from bench.faults import restart, when
+    from bench.faults import fault_when, restart
     from recsys import train
 
     cfg = _cfg(prepared, zero_stage=2, run_name="s3-down-upload", max_steps=6, checkpoint_every=2, keep_checkpoints=3, max_failures=1)
-    done = threading.Event()
-    watcher, outage = when(_new_checkpoint_uploading(s3_server, cfg, after=1), lambda: restart(s3_server, down_s=8.0), done)
-    try:
+    with fault_when(_new_checkpoint_uploading(s3_server, cfg, after=1), lambda: restart(s3_server, down_s=8.0)) as outage:
         summary = train.run(cfg)
-    finally:
-        done.set()
-        watcher.join(timeout=60)
     assert outage.error is None and outage.down_at, (outage.error, outage.seen)
     rows = _metrics(cfg)
     assert [r["step"] for r in rows] == list(range(1, 7)) and summary["steps"] == 6
@@ -286,12 +280,11 @@ def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint
     run finishes with every step once."""
     import os
     import signal
-    import threading
 
     import ray
     from ray.util.state import list_actors
 
-    from bench.faults import frozen, when
+    from bench.faults import fault_when, frozen
     from recsys import train
 
     cfg = _cfg(prepared, zero_stage=2, run_name="crash-in-save", max_steps=8, checkpoint_every=2, keep_checkpoints=2, max_failures=1)
@@ -305,13 +298,8 @@ def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint
         at_kill.update(registered=_registered(s3_server, cfg),
                        files={p.name: sorted(_files(p)) for p in sorted(d.glob("checkpoint_*"))})
 
-    done = threading.Event()
-    watcher, outage = when(_new_checkpoint_uploading(s3_server, cfg, after=1), lambda: frozen(s3_server, kill_a_worker, hold_s=1.0), done)
-    try:
+    with fault_when(_new_checkpoint_uploading(s3_server, cfg, after=1), lambda: frozen(s3_server, kill_a_worker, hold_s=1.0)) as outage:
         summary = train.run(cfg)
-    finally:
-        done.set()
-        watcher.join(timeout=60)
     assert outage.error is None and outage.down_at, (outage.error, outage.seen)
     partial, whole = outage.seen["partial"], set(outage.seen["whole"])
     # The kill landed inside the save: that checkpoint was not whole and not registered.
