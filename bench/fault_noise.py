@@ -20,14 +20,16 @@ project's evaluator (recsys.evaluate, test split, full catalog):
     W0  seed 0, 2 workers stopped at half the budget (a worker killed with max_failures=0 once
         the half-way checkpoint is registered, so steps 1..half follow the full budget's
         learning-rate schedule, as in A0), re-submitted under the same run_name with
-        train.num_workers=1 and the full budget (DeepSpeed universal checkpoint resume).
-        `--w0-first budget` instead gives the first submission max_steps = half.
+        train.num_workers=1, twice the batch per worker (the same global batch, as the resume's
+        warning advises) and the full budget (DeepSpeed universal checkpoint resume).
+        `--w0-first budget` instead gives the first submission max_steps = half;
+        `--w0-global-batch per-worker` keeps the batch per worker (halving the global batch).
 
 Each fault is checked from outside (kill PIDs, the partial checkpoint left unregistered, the
 step each attempt resumed from, every step logged once, each step's batch digest against A0's).
 For W0 the examples it read are replayed outside training (`regrid_data`: the run's dataset
-split and batched as the workers read it): how many of those the resume skipped had really been
-consumed, and how many it trains on again. `--data-check-only` replays that alone on the data
+split as Ray Train splits it and read by recsys.stream as the workers read it): how many the
+resume walked past, and how many it trains on again in the same epoch. `--data-check-only` replays that alone on the data
 an earlier run left in --s3-dir. The report compares F0, W0 and A1
 with A0 per task on NDCG@10, recall@10 and MRR@10: the difference, and a paired test over the
 test queries (recsys.significance.paired_comparison, queries matched by key). Seed noise =
@@ -228,7 +230,7 @@ def train_checks(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     logged = [r["step"] for r in rows]
     return {"steps_logged_once": logged == list(range(1, steps + 1)), "last_step": logged[-1] if logged else 0,
             "start_steps": sorted({int(r.get("start_step", 0)) for r in rows}),
-            "skipped_batches": sorted({int(r.get("skipped_batches", 0)) for r in rows}),
+            "skipped_rows": sorted({int(r.get("skipped_rows", 0)) for r in rows}),
             "final_loss": rows[-1]["loss"] if rows else None}
 
 
@@ -349,55 +351,68 @@ def faulted(base: Config, server: LocalS3Server, address: str, name: str, steps:
     return run
 
 
-def regrid_data(cfg: Config, half: int, steps: int, before: int = 2, after: int = 1) -> dict[str, Any]:
+def regrid_data(cfg: Config, resumed_cfg: Config, half: int, steps: int) -> dict[str, Any]:
     """Which training examples W0 read, replayed outside training: the run's own dataset
     (recsys.train._train_dataset, order-preserving execution) split as Ray Train splits it
-    (`streaming_split(n, equal=True)`) and batched as each worker's stream batches it. `before`
-    workers consume `half` steps; the `after`-worker resume skips what recsys.train skips
-    (half x before batches) and trains the rest. Examples keyed by (kind, user, query, item, time)."""
+    (`streaming_split(n, equal=True)`) and read by each worker's recsys.stream.Stream: `cfg`'s
+    workers consume `half` steps and save what they consumed (as a checkpoint does); the resume
+    (`resumed_cfg`'s single worker, its batch size) loads that and trains the rest. Examples keyed by (kind, user, query,
+    item, time); "already seen" counts rows read again in the epoch they were consumed in."""
+    import tempfile
+
     import ray
 
+    from recsys.stream import Stream, load_consumed
     from recsys.train import _ingest_options, _train_dataset
 
-    t = cfg.train
+    t, t1 = cfg.train, resumed_cfg.train
+    before = t.num_workers
 
     def key(b: dict[str, Any], i: int) -> str:
         return json.dumps([str(b[c][i]) for c in ("kind", "user_id", "query", "item_id", "timestamp")])
 
-    def consume(it: Any, nbatches: int, out: list[str]) -> None:
-        n, epoch = 0, 0
-        while n < nbatches:
-            for b in it.iter_batches(batch_size=t.rows_per_batch, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=max(4 * t.rows_per_batch, 256), local_shuffle_seed=t.seed + epoch):
-                out += [key(b, i) for i in range(len(b["user_id"]))]
-                n += 1
-                if n >= nbatches:
-                    return
-            epoch += 1
+    def consume(stream: Stream, nbatches: int, out: list[tuple[int, str]]) -> None:
+        for n, (epoch, b) in enumerate(stream, start=1):
+            out += [(epoch, key(b, i)) for i in range(len(b["user_id"]))]
+            if n >= nbatches:
+                return
 
     ray.data.DataContext.get_current().execution_options = _ingest_options()
     total = _train_dataset(cfg).count()
     shards = _train_dataset(cfg).streaming_split(before, equal=True)
-    parts: list[list[str]] = [[] for _ in range(before)]
-    threads = [threading.Thread(target=consume, args=(shards[r], half * t.grad_accum, parts[r])) for r in range(before)]
+    streams = [Stream(shards[r], t.rows_per_batch, t.seed, r, too_small="too small") for r in range(before)]
+    parts: list[list[tuple[int, str]]] = [[] for _ in range(before)]
+    threads = [threading.Thread(target=consume, args=(streams[r], half * t.grad_accum, parts[r])) for r in range(before)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
+    with tempfile.TemporaryDirectory() as d:
+        for s in streams:
+            s.save(d)
+        resume = load_consumed(d)
     consumed = {k for part in parts for k in part}
-    skip = half * t.grad_accum * before // after
-    one: list[str] = []
-    consume(_train_dataset(cfg).streaming_split(after, equal=True)[0], skip + (steps - half) * t.grad_accum, one)
-    n_skip = skip * t.rows_per_batch
-    skipped, trained_after = one[:n_skip], one[n_skip:]
-    return {"train_examples": total, "consumed_before": len(consumed), "skipped_on_resume": len(skipped),
-            "skipped_that_were_consumed": len(set(skipped) & consumed), "trained_after_resume": len(trained_after),
-            "trained_after_resume_already_seen": len(set(trained_after) & consumed),
-            "never_seen": total - len(consumed | set(trained_after))}
+    one: list[tuple[int, str]] = []
+    resumed = Stream(_train_dataset(cfg).streaming_split(1, equal=True)[0], t1.rows_per_batch, t1.seed, 0,
+                     too_small="too small", resume=resume, owner=True)
+    consume(resumed, (steps - half) * t1.grad_accum, one)
+    keys = {k for _, k in consumed}
+    return {"train_examples": total, "consumed_before": len(consumed), "skipped_on_resume": resumed.skipped_rows,
+            "trained_after_resume": len(one), "trained_after_resume_already_seen": len(set(one) & consumed),
+            "never_seen": total - len(keys | {k for _, k in one})}
+
+
+def resumed_cfg(base: Config, name: str, global_batch: str) -> Config:
+    """W0's re-submission: 1 worker; `keep`: at twice the batch per worker (the global batch of
+    the 2-worker first half, what the resume's warning advises), `per-worker`: the same."""
+    t = base.train
+    scale = 2 if global_batch == "keep" else 1  # the first half ran on 2 workers
+    return run_cfg(base, name, seed=0, num_workers=1, max_failures=0, batch_size=t.batch_size * scale,
+                   contrastive_batch=t.contrastive_batch * scale)
 
 
 def regrid(base: Config, server: LocalS3Server, address: str, name: str, steps: int, every: int, first: str,
-           per_query: dict[str, Any], keep: bool) -> Run:
+           global_batch: str, per_query: dict[str, Any], keep: bool) -> Run:
     half = round(steps * 0.5 / every) * every
     cfg2 = run_cfg(base, name, seed=0, num_workers=2, max_failures=0, **({"max_steps": half} if first == "budget" else {}))
     run = Run(name, 0, "2 then 1", load_avg_before=load())
@@ -424,7 +439,7 @@ def regrid(base: Config, server: LocalS3Server, address: str, name: str, steps: 
     reg_first = registered_step(server, cfg2)
     if first == "kill" and (not faults.kills or first_error is None):
         run.problems.append(f"the stop at step {half} did not land (kills {faults.kills}, error {first_error})")
-    cfg1 = run_cfg(base, name, seed=0, num_workers=1, max_failures=0)
+    cfg1 = resumed_cfg(base, name, global_batch)
     second, second_wall = train(cfg1)
     run.train.update(second)
     run.train_wall_s = first_wall + second_wall
@@ -435,9 +450,12 @@ def regrid(base: Config, server: LocalS3Server, address: str, name: str, steps: 
     if resumed != half:
         run.problems.append(f"resumed_from_step {resumed}, expected {half}")
     after = [r for r in rows if r["step"] > half]
-    if after and {r.get("skipped_batches") for r in after} != {2 * half}:
-        run.problems.append(f"skipped_batches after the resume {sorted({r.get('skipped_batches') for r in after})}, expected {2 * half}")
-    run.checks["data"] = regrid_data(cfg1, half, steps)
+    # The single worker's shard is the whole dataset: it walks past every row the two consumed
+    # in the open epoch (all 2 x half batches, unless they crossed an epoch's end).
+    if after and {r.get("skipped_rows") for r in after} != {2 * half * cfg2.train.rows_per_batch}:
+        run.problems.append(f"skipped_rows after the resume {sorted({r.get('skipped_rows') for r in after})}, "
+                            f"expected {2 * half * cfg2.train.rows_per_batch}")
+    run.checks["data"] = regrid_data(cfg2, cfg1, half, steps)
     print(f"  W0 data: {run.checks['data']}", flush=True)
     finish(run, server, cfg1, steps, per_query, keep)
     return run
@@ -539,10 +557,11 @@ def data_check_only(args: argparse.Namespace, s3_dir: Path) -> None:
     server.start()
     try:
         os.environ.update(server.env())
-        cfg = run_cfg(base_config(args, server), "W0", seed=0, num_workers=1)
+        base = base_config(args, server)
+        cfg = run_cfg(base, "W0", seed=0, num_workers=2)
         ensure_ray(num_cpus=4, cfg=cfg, include_dashboard=False)
         half = round(args.steps * 0.5 / args.checkpoint_every) * args.checkpoint_every
-        data = regrid_data(cfg, half, args.steps)
+        data = regrid_data(cfg, resumed_cfg(cfg, "W0", args.w0_global_batch), half, args.steps)
         print(json.dumps(data))
     finally:
         if ray.is_initialized():
@@ -563,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="A0,A1,F0,W0", help="subset of A0,A1,F0,W0 (A0 and A1 are needed for the comparison)")
     p.add_argument("--w0-first", choices=("kill", "budget"), default="kill",
                    help="W0's first submission: the full budget stopped at half (kill), or max_steps = half (budget)")
+    p.add_argument("--w0-global-batch", choices=("keep", "per-worker"), default="keep",
+                   help="W0's 1-worker re-submission: twice the batch per worker, keeping the global batch (keep), or the same "
+                        "batch per worker, halving it (per-worker)")
     p.add_argument("--s3-dir", default=str(REPO / "runs/fault-noise-s3"), help="where the S3 server keeps its objects")
     p.add_argument("--prefix", default="demo", help="storage root under the bench's bucket (cleared at the start)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the runs' checkpoints (~0.4 GB each) on disk")
@@ -616,8 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         if "F0" in names:
             runs["F0"] = faulted(cfg, server, address, "F0", args.steps, args.checkpoint_every, per_query, args.keep_checkpoints)
         if "W0" in names:
-            runs["W0"] = regrid(cfg, server, address, "W0", args.steps, args.checkpoint_every, args.w0_first, per_query,
-                                args.keep_checkpoints)
+            runs["W0"] = regrid(cfg, server, address, "W0", args.steps, args.checkpoint_every, args.w0_first,
+                                args.w0_global_batch, per_query, args.keep_checkpoints)
         if "A0" in runs:
             for n, r in runs.items():
                 r.checks["batches_equal_A0"] = same_batches(server, cfg, n)

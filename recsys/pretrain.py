@@ -32,7 +32,6 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,9 @@ import torch
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.runtime import checkpoint_upload
+from recsys.stream import Stream, load_consumed
 from recsys.train import (
     _all_ranks_digest,
-    _checkpoint_world,
     _global_mean,
     _ingest_options,
     _lr_lambda,
@@ -53,6 +52,7 @@ from recsys.train import (
     deepspeed_config,
     load_engine_checkpoint,
     param_groups,
+    resume_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -200,25 +200,6 @@ class _Masker:
         return {"input_ids": ids, "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def _stream(shard: Any, cfg: Config, rank: int, world: int, skip: int) -> Iterator[list[str]]:
-    """Batches of texts for ever, epoch after epoch, after walking past `skip` consumed batches
-    (the order is deterministic: the seeded corpus order, an order-preserving split, a seeded buffer)."""
-    p, epoch = cfg.pretrain, 0
-    while True:
-        got = False
-        for batch in shard.iter_batches(batch_size=p.batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=max(4 * p.batch_size, 256), local_shuffle_seed=p.seed + epoch):
-            got = True
-            if skip:
-                skip -= 1
-                continue
-            yield [str(t) for t in batch["text"]]
-        if not got:
-            raise ValueError(f"pretrain worker {rank} got no full batch of {p.batch_size} texts: the corpus is too small for "
-                             f"{world} workers; lower pretrain.batch_size or pretrain.num_workers")
-        epoch += 1
-
-
 def _metrics_uri(cfg: Config) -> str:
     return storage.join(paths.pretrain_dir(cfg), "metrics.jsonl")
 
@@ -279,29 +260,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, p.weight_decay), lr=p.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(p.warmup, p.steps))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # an inference-only op built at every start
-    # Another worker count than the checkpoint's: ZeRO's partitions are re-cut from a universal
-    # checkpoint, as train does (ZeRO-0 checkpoints are whole and load as they are).
-    saved_world = _checkpoint_world(STATE_FILE)
-    regrid = saved_world is not None and saved_world != world
-    universal = regrid and cfg.train.zero_stage > 0
-    if regrid and rank == 0:
-        log.warning("pretrain resumes with %d workers a run checkpointed by %d: the global batch is now %d x %d texts, and "
-                    "the stream continues after the texts consumed in total", world, saved_world, world, p.batch_size)
+    universal = resume_layout(STATE_FILE, world, p.batch_size, 1, cfg.train.zero_stage, rank, "pretrain.batch_size")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_ds_config(cfg, universal))
 
     rows: list[dict[str, Any]] = []
+    resume: tuple[int, dict[int, Any]] = (0, {})
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             load_engine_checkpoint(engine, d, universal)
+            resume = load_consumed(d)
         if rank == 0:
             rows = [r for r in read_metrics(cfg) if r["step"] <= engine.global_steps]
             log.info("pretrain resumed from checkpoint at step %d", engine.global_steps)
     step = start = engine.global_steps
     masker = _Masker(tokenizer, cfg)
-    # Batches per rank to walk past: what the checkpointed steps consumed, over all its ranks.
-    skip = -(-start * saved_world // world) if regrid and saved_world else start
-    stream = _stream(ray.train.get_dataset_shard("train"), cfg, rank, world, skip=skip)
+    stream = Stream(ray.train.get_dataset_shard("train"), p.batch_size, p.seed, rank, resume=resume, owner=rank == 0,
+                    too_small=f"pretrain worker {rank} got no full batch of {p.batch_size} texts: the corpus is too small for "
+                              f"{world} workers; lower pretrain.batch_size or pretrain.num_workers")
+    batches = iter(stream)
     losses: list[float] = []
     tokens = masked = 0
     seen = hashlib.blake2b(digest_size=8)
@@ -310,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     summary: dict[str, Any] = {}
     while step < p.steps:
         t_fetch = time.perf_counter()
-        texts = next(stream)
+        texts = [str(t) for t in next(batches)[1]["text"]]
         batch = {k: v.to(engine.device) for k, v in masker(texts, seed=p.seed + 1_000_003 * step + rank).items()}
         wait += time.perf_counter() - t_fetch
         seen.update("\x00".join(texts).encode())
@@ -336,7 +313,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {
             "step": step, "loss": _global_mean(float(np.mean(losses)), world, engine.device), "lr": float(engine.get_lr()[0]),
             "tokens": int(t[0]), "masked_tokens": int(t[1]), "tokens_total": tokens_total,
-            "step_s": (now - t_last) / max(1, len(losses)), "data_wait_s": wait, "start_step": start, "skipped_batches": skip,
+            "step_s": (now - t_last) / max(1, len(losses)), "data_wait_s": wait, "start_step": start, "skipped_rows": stream.skipped_rows,
             # Every rank's texts since the last row: equal in a resumed and an uninterrupted run.
             "batch_hash": _all_ranks_digest(seen.digest(), engine.device),
         }
@@ -349,8 +326,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint_now:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=DS_TAG)
+                stream.save(tmp)
                 # `world`: a resume with another worker count knows to re-cut ZeRO's partitions.
-                Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "world": world}))
+                Path(tmp, STATE_FILE).write_text(json.dumps({"step": step, "world": world, "examples_per_step": world * p.batch_size}))
                 if rank == 0:
                     Path(tmp, "config.yaml").write_text(to_yaml(cfg))
                 ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp),
@@ -358,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(row)
         summary = row
-    stream.close()
+    batches.close()
     all_rows = rows if rank == 0 else []
     meta = {
         "base_model": cfg.model.name_or_path, "steps": step, "mlm_probability": p.mlm_probability,

@@ -34,6 +34,7 @@ from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
 from recsys.items import ItemTable
 from recsys.losses import SampledSoftmaxLoss
 from recsys.runtime import checkpoint_upload, ensure_ray, print_progress
+from recsys.stream import Stream, load_consumed
 from recsys.train_step import TrainStep, contrastive_step
 from recsys.validation import headline
 
@@ -162,6 +163,8 @@ class _RunState:
     best: dict[str, Any] = field(default_factory=lambda: {"metric": float("-inf"), "step": 0, "since": 0})
     stopped: bool = False  # early-stopped: a resumed run that had stopped stays stopped
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # The epoch to resume in and the rows every rank consumed in it (recsys.stream.load_consumed).
+    stream: tuple[int, dict[int, Any]] = (0, {})
 
 
 class _Meter:
@@ -271,19 +274,40 @@ def _engine(cfg: Config, load_universal: bool = False) -> tuple[TrainStep, Any]:
     return module, engine
 
 
-def _checkpoint_world(state_file: str = STATE_FILE) -> int | None:
-    """How many workers wrote `ray.train.get_checkpoint()` (None: no checkpoint, or one from
-    before the count was recorded), read from its small state file alone."""
+def _checkpoint_state(state_file: str) -> dict[str, Any]:
+    """The small state file of `ray.train.get_checkpoint()`, read alone ({}: no checkpoint)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return None
+        return {}
     try:
         with ckpt.filesystem.open_input_stream(f"{ckpt.path}/{state_file}") as f:
-            return json.loads(f.read()).get("world")
+            return json.loads(f.read())
     except (FileNotFoundError, OSError):
-        return None
+        return {}
+
+
+def resume_layout(state_file: str, world: int, rows: int, grad_accum: int, zero_stage: int, rank: int,
+                  rows_key: str) -> bool:
+    """Whether the checkpoint to resume was written by another worker count, so ZeRO's
+    partitions are re-cut from a universal checkpoint (ZeRO-0 checkpoints are whole on every
+    rank and load as they are). Rank 0 warns of what a changed layout changes: the global batch
+    (`world` x `rows` per worker x `grad_accum`), with the `rows_key` setting that keeps it.
+    The data needs nothing here: recsys.stream walks past the consumed rows in any layout."""
+    saved = _checkpoint_state(state_file)
+    old_world = saved.get("world")
+    if old_world is None:  # no checkpoint, or one from before the layout was recorded
+        return False
+    old_global = saved.get("examples_per_step")
+    new_global = world * rows * grad_accum
+    if rank == 0 and (old_world != world or (old_global and old_global != new_global)):
+        keep = (f"; {rows_key}={old_global // (world * grad_accum)} keeps it"
+                if old_global and old_global % (world * grad_accum) == 0 else "")
+        log.warning("resuming with %d workers a run checkpointed by %d%s: the global batch is %d examples, was %s%s",
+                    world, old_world, " (ZeRO's partitions re-cut from a universal checkpoint)" if old_world != world and zero_stage
+                    else "", new_global, old_global or "not recorded", keep if old_global != new_global else "")
+    return old_world != world and zero_stage > 0
 
 
 def _to_universal(d: str, out: str) -> None:
@@ -326,41 +350,13 @@ def _resume(engine: Any, cfg: Config, rank: int, universal: bool = False) -> _Ru
     with ckpt.as_directory() as d:
         load_engine_checkpoint(engine, d, universal)
         saved = json.loads(Path(d, STATE_FILE).read_text()) if Path(d, STATE_FILE).exists() else {}
+        state.stream = load_consumed(d)
     state.best = saved.get("best", state.best)
     state.stopped = bool(saved.get("stopped"))
     if rank == 0:
         state.rows = [r for r in _read_metrics(cfg) if r["step"] <= engine.global_steps]
         log.info("resumed from checkpoint at step %d", engine.global_steps)
     return state
-
-
-def _stream(shard: Any, t: Any, rank: int, world: int, skip: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(epoch, micro-batch) for ever, epoch after epoch, after walking past `skip` micro-batches.
-
-    The shard's order is deterministic (a seeded global shuffle, order-preserving split: see
-    run_text), and so is the local buffer's for a given seed and epoch: a resumed attempt walks
-    past what the checkpointed steps consumed and continues the stream instead of training on its
-    head a second time. Skipped batches are only read, never collated."""
-    t0, skipped, epoch = time.perf_counter(), skip, 0
-    while True:
-        got_batch = False
-        for batch in shard.iter_batches(
-            batch_size=t.rows_per_batch, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=max(4 * t.rows_per_batch, 256), local_shuffle_seed=t.seed + epoch,
-        ):
-            got_batch = True
-            if skip:
-                skip -= 1
-                if not skip and rank == 0:
-                    log.info("resume: skipped %d consumed batches in %.1fs", skipped, time.perf_counter() - t0)
-                continue
-            yield epoch, batch
-        if not got_batch:
-            raise ValueError(
-                f"worker {rank} got no full batch of {t.rows_per_batch} examples: too few training "
-                f"examples for {world} workers; lower train.batch_size (train.contrastive_batch) or train.num_workers"
-            )
-        epoch += 1
 
 
 def _validate(validator: Any, engine: Any, module: TrainStep, tokenizer: Any, cfg: Config, state: _RunState,
@@ -388,9 +384,11 @@ def _validate(validator: Any, engine: Any, module: TrainStep, tokenizer: Any, cf
             "stopped_early": state.stopped, "eval_s": time.perf_counter() - t_eval}, improved
 
 
-def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, rank: int, world: int, checkpoint: bool) -> None:
-    """Every rank reports the row; with `checkpoint`, every rank saves its DeepSpeed shard and the
-    run state into the checkpoint Ray Train merges (rank 0 adds the resolved config)."""
+def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, rank: int, world: int, checkpoint: bool,
+            stream: Stream) -> None:
+    """Every rank reports the row; with `checkpoint`, every rank saves its DeepSpeed shard, the
+    rows it consumed and the run state into the checkpoint Ray Train merges (rank 0 adds the
+    resolved config)."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -404,9 +402,12 @@ def _report(engine: Any, row: dict[str, Any], cfg: Config, state: _RunState, ran
         return
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)
+        stream.save(tmp)
         # Every rank reads the state on resume (the best evaluation so far).
-        # `world`: a resume with another worker count knows to re-cut ZeRO's partitions.
-        Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped, "world": world}))
+        # `world`: a resume with another worker count knows to re-cut ZeRO's partitions (and
+        # `examples_per_step` what keeps the global batch).
+        Path(tmp, STATE_FILE).write_text(json.dumps({"step": row["step"], "best": state.best, "stopped": state.stopped, "world": world,
+                                                     "examples_per_step": world * cfg.train.rows_per_batch * cfg.train.grad_accum}))
         if rank == 0:
             Path(tmp, "config.yaml").write_text(to_yaml(cfg))
         ray.train.report(row, checkpoint=Checkpoint.from_directory(tmp), checkpoint_upload_fn=checkpoint_upload(cfg))
@@ -428,15 +429,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     negatives = hard_negatives_for(items, cfg)
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id or 0
-    saved_world = _checkpoint_world()
-    regrid = saved_world is not None and saved_world != world
-    if regrid and rank == 0:
-        log.warning("resuming with %d workers a run checkpointed by %d: ZeRO's partitions are re-cut from a universal "
-                    "checkpoint, the global batch is now %d x %d rows, and the data stream continues after the examples "
-                    "consumed in total (not in the order an uninterrupted run would have read them)",
-                    world, saved_world, world, t.rows_per_batch)
-    # ZeRO-0 checkpoints are whole on every rank: any worker count loads them as they are.
-    universal = regrid and t.zero_stage > 0
+    universal = resume_layout(STATE_FILE, world, t.rows_per_batch, t.grad_accum, t.zero_stage, rank,
+                              "train.contrastive_batch" if t.contrastive_batch else "train.batch_size")
     module, engine = _engine(cfg, load_universal=universal)
     validator = None
     if t.eval_every:
@@ -445,15 +439,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         validator = Validator(cfg, items.ids, items.texts, rank, world, batch_size=max(t.batch_size, 64))
     state = _resume(engine, cfg, rank, universal=universal)
     step = start_step = engine.global_steps
-    # Batches per rank to walk past: what the checkpointed steps consumed, over all its ranks.
-    skipped = -(-start_step * t.grad_accum * saved_world // world) if regrid else start_step * t.grad_accum
-    stream = _stream(ray.train.get_dataset_shard("train"), t, rank, world, skipped)
+    stream = Stream(ray.train.get_dataset_shard("train"), t.rows_per_batch, t.seed, rank, resume=state.stream, owner=rank == 0,
+                    too_small=f"worker {rank} got no full batch of {t.rows_per_batch} examples: too few training examples for "
+                              f"{world} workers; lower train.batch_size (train.contrastive_batch) or train.num_workers")
+    batches = iter(stream)
     meter = _Meter()
     summary: dict[str, Any] = {}
     while step < t.max_steps and not state.stopped:
         t_fetch = time.perf_counter()
-        epoch, batch = next(stream)
-        if skipped and step == start_step and not meter.losses:
+        epoch, batch = next(batches)
+        if start_step and step == start_step and not meter.losses:
             # The first batch after a resume's skip: examples/s and data wait exclude the skip.
             meter.restart()
             t_fetch = time.perf_counter()
@@ -472,18 +467,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
         if not (step % t.log_every == 0 or checkpoint_now or evaluate_now):
             continue
-        # start_step > 0: this attempt resumed from a checkpoint; skipped_batches: (contrastive) batches
-        # per worker walked past on resume.
-        row = meter.row(step, engine, module, world, epoch=epoch, start_step=start_step, skipped_batches=skipped)
+        # start_step > 0: this attempt resumed from a checkpoint; skipped_rows: consumed examples this
+        # worker's shard held, walked past on resume.
+        row = meter.row(step, engine, module, world, epoch=epoch, start_step=start_step, skipped_rows=stream.skipped_rows)
         improved = False
         if evaluate_now:
             scores, improved = _validate(validator, engine, module, tokenizer, cfg, state, step, rank, world)
             row.update(scores)
             meter.restart()  # examples/s of the next interval excludes the evaluation
         # Also after a better evaluation: a resumed run then knows the export is that step's.
-        _report(engine, row, cfg, state, rank, world, checkpoint=checkpoint_now or state.stopped or improved)
+        _report(engine, row, cfg, state, rank, world, checkpoint=checkpoint_now or state.stopped or improved, stream=stream)
         summary = row
-    stream.close()
+    batches.close()
 
     if validator is None and not state.stopped:
         export = _export(engine, module, tokenizer, cfg, rank)

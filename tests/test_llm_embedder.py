@@ -325,7 +325,7 @@ def test_lora_zero3_trains_resumes_and_exports(prepared_llm, tmp_path) -> None:
     summary = train.run(cfg)
     rows = _rows(cfg)
     assert [r["step"] for r in rows] == list(range(1, 11)) and summary["steps"] == 10
-    assert [r["skipped_batches"] for r in rows] == [0] * 4 + [4] * 6  # resumed at step 4
+    assert [r["skipped_rows"] for r in rows] == [0] * 4 + [4 * cfg.train.rows_per_batch] * 6  # resumed at step 4
     losses = [r["loss"] for r in rows]
     assert np.isfinite(losses).all() and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
