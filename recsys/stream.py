@@ -71,6 +71,8 @@ def load_consumed(d: str | Path) -> tuple[int, dict[int, Counter[int]]]:
     checkpoint written before these were saved."""
     files = sorted(Path(d).glob(STATE_GLOB))
     if not files:
+        log.warning("the checkpoint in %s records no consumed rows (written before they were saved): the data stream "
+                    "restarts at its head", d)
         return 0, {}
     out: dict[int, Counter[int]] = {}
     current = []

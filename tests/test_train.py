@@ -368,3 +368,22 @@ def test_early_stopping_stops_at_patience_and_a_stopped_run_stays_stopped(prepar
                            early_stopping_patience=1, lr=1e-12))
     assert again["steps"] == 4 and again["stopped_early"]
     assert max(r["step"] for r in _metrics(still)) == 4
+
+
+def test_a_resume_with_another_layout_names_the_setting_that_keeps_the_global_batch(monkeypatch, caplog) -> None:
+    """resume_layout: ZeRO's re-cut only for another worker count at ZeRO >= 1, and a warning of
+    the changed global batch with the batch size that keeps it."""
+    import logging
+
+    from recsys import train
+
+    monkeypatch.setattr(train, "_checkpoint_state", lambda f: {"world": 2, "examples_per_step": 32})
+    with caplog.at_level(logging.WARNING, logger="recsys.train"):
+        assert train.resume_layout("s.json", 1, 16, 1, 2, 0, "train.batch_size") is True
+    assert "the global batch is 16 examples, was 32; train.batch_size=32 keeps it" in caplog.text
+    caplog.clear()
+    assert train.resume_layout("s.json", 1, 16, 1, 0, 0, "train.batch_size") is False  # ZeRO-0: whole weights
+    caplog.clear()
+    assert train.resume_layout("s.json", 2, 16, 1, 2, 0, "train.batch_size") is False and not caplog.text
+    monkeypatch.setattr(train, "_checkpoint_state", lambda f: {})
+    assert train.resume_layout("s.json", 1, 16, 1, 2, 0, "train.batch_size") is False
