@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.faults import complete_rows, frozen, kill_train_worker, when
+from bench.faults import complete_rows, frozen, kill_train_worker, run_dir, when
 from recsys.config import Config, load_config
 from recsys.storage import LocalS3Server
 
@@ -65,12 +65,6 @@ POLL_S = 0.2
 
 
 # ---------------------------------------------------------------- watching a run from outside
-
-
-def run_dir(server: LocalS3Server, cfg: Config) -> Path:
-    """The run's folder as the S3 server's own files hold it (read without S3, so it works while
-    the server is frozen)."""
-    return Path(server.root) / cfg.storage.root.removeprefix("s3://") / cfg.train.run_name
 
 
 def rows_on_disk(server: LocalS3Server, cfg: Config) -> list[dict[str, Any]]:

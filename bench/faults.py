@@ -131,3 +131,9 @@ def complete_rows(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return rows
+
+
+def run_dir(server: LocalS3Server, cfg: Any) -> Path:
+    """A training run's folder as the S3 server's own files hold it (read without S3, so it works
+    while the server is down or frozen)."""
+    return Path(server.root) / cfg.storage.root.removeprefix("s3://") / cfg.train.run_name

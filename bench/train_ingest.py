@@ -351,6 +351,7 @@ def ray_arm(cfg: Any, bench: dict[str, Any], read_args: dict[str, Any], featuriz
     from ray.train.torch import TorchTrainer
 
     from recsys.config import to_dict
+    from recsys.runtime import fit_trainer
     from recsys.train import _ingest_options, _train_dataset
 
     cpu = CpuMeter()
@@ -365,7 +366,7 @@ def ray_arm(cfg: Any, bench: dict[str, Any], read_args: dict[str, Any], featuriz
         dataset_config=DataConfig(execution_options=_ingest_options()),
         run_config=RunConfig(name=name, storage_path=storage_path),
     )
-    result = trainer.fit()
+    result = fit_trainer(trainer)
     if result.error:
         raise result.error
     cpu_s = cpu.stop()

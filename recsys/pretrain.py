@@ -40,7 +40,7 @@ import torch
 
 from recsys import paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
-from recsys.runtime import checkpoint_upload
+from recsys.runtime import checkpoint_upload, fit_trainer
 from recsys.stream import Stream, load_consumed
 from recsys.train import (
     _all_ranks_digest,
@@ -379,7 +379,7 @@ def run(cfg: Config) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.pretrain.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = fit_trainer(trainer)
     if result.error:
         raise result.error
     rows = read_metrics(cfg)

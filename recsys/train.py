@@ -33,7 +33,7 @@ from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
 from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
 from recsys.items import ItemTable
 from recsys.losses import SampledSoftmaxLoss
-from recsys.runtime import checkpoint_upload, ensure_ray, print_progress
+from recsys.runtime import checkpoint_upload, ensure_ray, fit_trainer, print_progress
 from recsys.stream import Stream, load_consumed
 from recsys.train_step import TrainStep, contrastive_step
 from recsys.validation import headline
@@ -595,7 +595,7 @@ def run_text(cfg: Config) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = fit_trainer(trainer)
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})

@@ -29,7 +29,7 @@ import torch
 from recsys.config import SequenceConfig
 from recsys.losses import full_softmax_loss, sampled_softmax_loss
 from recsys.metrics import average, per_query_metrics
-from recsys.runtime import checkpoint_upload
+from recsys.runtime import checkpoint_upload, fit_trainer
 from recsys.sequence import SequenceCatalog, SequenceModel, SequenceTower
 from recsys.sequence_joint import check_joint
 
@@ -427,7 +427,7 @@ def run(cfg: Any) -> dict[str, Any]:
                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         )
-        result = trainer.fit()
+        result = fit_trainer(trainer)
         if result.error:
             raise result.error
         with result.checkpoint.as_directory() as d:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.faults import run_dir
 from recsys import paths, storage
 from recsys.config import load_config
 
@@ -219,11 +220,6 @@ def test_a_run_survives_killed_workers_and_resumes_from_the_last_checkpoint(prep
     assert [r["batch_hash"] for r in rows] == ref
 
 
-def _run_dir(s3_server, cfg) -> Path:
-    """The run's folder as the S3 server's own files hold it (read without S3)."""
-    return Path(s3_server.root) / cfg.storage.root[len("s3://"):] / cfg.train.run_name
-
-
 def _files(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
 
@@ -233,7 +229,7 @@ def _new_checkpoint_uploading(s3_server, cfg, after: int):
     (its folder holds a file). Returns what it saw: the folders, and the files of a whole one."""
 
     def condition() -> dict | None:
-        dirs = sorted(_run_dir(s3_server, cfg).glob("checkpoint_*"))
+        dirs = sorted(run_dir(s3_server, cfg).glob("checkpoint_*"))
         if len(dirs) > after and _files(dirs[after]):
             return {"dirs": [d.name for d in dirs], "whole": sorted(_files(dirs[0])), "partial": dirs[after].name}
         return None
@@ -244,7 +240,7 @@ def _new_checkpoint_uploading(s3_server, cfg, after: int):
 def _registered(s3_server, cfg) -> list[str]:
     """The checkpoint folders Ray Train's controller has registered, oldest first, read from the
     server's files (so it works while the server is down)."""
-    f = _run_dir(s3_server, cfg) / "checkpoint_manager_snapshot.json"
+    f = run_dir(s3_server, cfg) / "checkpoint_manager_snapshot.json"
     if not f.exists():
         return []
     return [c["checkpoint_dir_name"] for c in json.loads(f.read_text())["checkpoint_results"]]
@@ -272,7 +268,7 @@ def test_a_checkpoint_upload_rides_out_an_object_store_restart(prepared, s3_serv
     names = set(_registered(s3_server, cfg))
     assert outage.seen["partial"] in names and len(names) == 3
     for name in names:
-        assert _files(_run_dir(s3_server, cfg) / name) == whole, name
+        assert _files(run_dir(s3_server, cfg) / name) == whole, name
 
 
 def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint(prepared, s3_server) -> None:
@@ -297,7 +293,7 @@ def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint
     def kill_a_worker() -> None:
         workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         os.kill(int(workers[0].pid), signal.SIGKILL)
-        d = _run_dir(s3_server, cfg)
+        d = run_dir(s3_server, cfg)
         at_kill.update(registered=_registered(s3_server, cfg),
                        files={p.name: sorted(_files(p)) for p in sorted(d.glob("checkpoint_*"))})
 
@@ -315,24 +311,42 @@ def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint
     names = _registered(s3_server, cfg)
     assert partial not in names
     for name in names:
-        assert _files(_run_dir(s3_server, cfg) / name) == whole, name
-    state = json.loads((_run_dir(s3_server, cfg) / names[-1] / "recsys_state.json").read_text())
+        assert _files(run_dir(s3_server, cfg) / name) == whole, name
+    state = json.loads((run_dir(s3_server, cfg) / names[-1] / "recsys_state.json").read_text())
     assert state["step"] == 8
     # The half-written folder is an orphan: never registered, so Ray Train's pruning leaves it.
-    assert (_run_dir(s3_server, cfg) / partial).is_dir()
+    assert (run_dir(s3_server, cfg) / partial).is_dir()
+
+
+def _alive(class_name: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    return [int(a.pid) for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
 
 
 def test_validation_while_training_exports_the_best_evaluation(prepared, tmp_path) -> None:
     """Issue 16: every eval_every steps the valid split is ranked over the whole catalog; the
     export is the best evaluation's model (evaluating the export on valid gives the logged
-    number). Early stopping: the next test (slow)."""
+    number). Early stopping: the next test (slow). Also (issue 18): train.run gives the driver
+    its SIGINT handler back, and with it the Train controller's last handle."""
+    import signal
+    import time
+
     from recsys import evaluate, train
     from recsys.encoder import RECSYS_META
 
     # With a cross-batch memory too: its 2-worker gather runs here (the loss is not compared).
     # Under ZeRO-3: every rank takes part in the validation forward passes and the export.
     cfg = _cfg(prepared, zero_stage=3, run_name="val", max_steps=6, checkpoint_every=6, eval_every=2, memory_size=32, memory_start_step=2)
+    handler = signal.getsignal(signal.SIGINT)
     summary = train.run(cfg)
+    # Ray Train's fit leaves its own SIGINT handler installed, holding the controller's handle:
+    # the controller, its DatasetManager and SplitCoordinator (~810 MiB) outlived the run.
+    assert signal.getsignal(signal.SIGINT) is handler
+    deadline = time.monotonic() + 30
+    while (left := _alive("TrainController") + _alive("SplitCoordinator")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"Ray Train actors alive after train.run: {left}"
     rows = _metrics(cfg)
     evals = [r for r in rows if "valid_metric" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
