@@ -34,7 +34,7 @@ def main() -> None:
     t = pq.read_table(part)
     order = {i: n for n, i in enumerate(t.column("item_id").to_pylist())}
     emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))[[order[i] for i in ids]].astype(np.float32)
-    bm25 = ev._bm25_scorer(items)
+    bm25 = ev._bm25_scorer(items, cfg)
     qs = [q["query"] for q in ev.build_queries(ev._read_dir(paths.examples(cfg, "search", "test"), cfg), "search")][: a.queries]
     vecs = np.random.default_rng(0).standard_normal((len(qs), emb.shape[1])).astype(np.float32)
     allowed = np.ones(len(ids), dtype=bool)

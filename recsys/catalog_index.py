@@ -137,7 +137,7 @@ def build_catalog_index(cfg: Config) -> dict[str, Any]:
                         nlist=e.ivf_nlist, nprobe=e.ivf_nprobe, filter_exact_max_kept=e.filter_exact_max_kept)
     # Hybrid search's half: BM25 over the same items, and the fusion chosen on validation,
     # published with the dense index so replicas load one consistent folder.
-    bm25 = _bm25_scorer(items)
+    bm25 = _bm25_scorer(items, cfg)
     fusion, how = choose_hybrid_fusion(cfg, items, open_text_encoder(local, cfg), emb, bm25)
     index.save(paths.index_dir(cfg), cfg.storage, extra=lambda d: hybrid.save_lexical(d, bm25, fusion, how))
     out = {"index": paths.index_dir(cfg), "kind": index.kind, "items": items.num_rows, "dim": int(emb.shape[1]),

@@ -33,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -437,6 +438,46 @@ class HybridConfig(_Section):
         return self
 
 
+class BM25Config(_Section):
+    """How BM25 (recsys/bm25.py) reads item texts and queries, for the bm25 baseline, hybrid search,
+    hard-negative mining and `POST /search`. Saved with every BM25 index, so a server queries an
+    index the way it was built."""
+
+    # Snowball stemmer (PyStemmer) for the words of spaced scripts: english, french, german, ...
+    # (`Stemmer.algorithms()`); none = words as written. Unspaced scripts (CJK, Thai) are never
+    # stemmed.
+    stemmer: str = "english"
+    # Character n-grams of every spaced-script word, marked at the word's ends ("#to", "tol", ...),
+    # indexed beside the words, so a misspelt or run-together query ("toliet", "drywall" for "dry
+    # wall") still matches; 0 = words only.
+    char_ngrams: int = Field(3, ge=0, le=6)
+    # Each word counts this many times beside its n-grams: a whole-word match outweighs the
+    # n-grams a partial one shares.
+    word_weight: int = Field(2, ge=1, le=8)
+    min_word_len: int = Field(1, ge=1)  # shorter words of spaced scripts are dropped ("1/2" keeps "1" and "2" at 1)
+    k1: float = Field(1.2, gt=0.0, le=10.0)  # Lucene's BM25 term-frequency saturation
+    b: Fraction = 0.75  # Lucene's BM25 length normalisation
+
+    @field_validator("stemmer")
+    @classmethod
+    def _known_stemmer(cls, v: str) -> str:
+        if v == "none":
+            return v
+        import Stemmer
+
+        known = sorted(Stemmer.algorithms())
+        if v not in known:
+            raise ValueError(f"unknown stemmer {v!r}: none or one of {', '.join(known)}")
+        return v
+
+    @field_validator("char_ngrams")
+    @classmethod
+    def _ngram_size(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("char_ngrams=1 would match any word sharing a letter: 0 (off) or 2-6")
+        return v
+
+
 class ServeArgs(_Section):
     """The Serve app's settings shared by the config's `serve` section and serve/app.py `AppArgs`
     (which adds what only the app takes); one definition, so the two cannot disagree."""
@@ -604,6 +645,7 @@ class Config(_Section):
     sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    bm25: BM25Config = Field(default_factory=BM25Config)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     recommend: RecommendConfig = Field(default_factory=RecommendConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -96,8 +96,8 @@ def _rank_bm25(items: pa.Table, retriever: BM25Index, texts: list[str], k: int, 
     return out
 
 
-def _bm25_scorer(items: pa.Table) -> BM25Index:
-    return BM25Index.build(items.column("text").to_pylist(), items.column("item_id").to_pylist())
+def _bm25_scorer(items: pa.Table, cfg: Config) -> BM25Index:
+    return BM25Index.build(items.column("text").to_pylist(), items.column("item_id").to_pylist(), cfg.bm25)
 
 
 def _rerank(candidates: list[list[str]], scores: list[np.ndarray]) -> list[list[str]]:
@@ -118,7 +118,7 @@ def _rerank_all(
         pop = items.column("popularity").to_numpy().astype(np.float64)
         out["popularity"] = _rerank(cands, [pop[r] for r in rows])
     if "bm25" in systems:
-        bm25 = bm25 or _bm25_scorer(items)
+        bm25 = bm25 or BM25Index.build(items.column("text").to_pylist(), items.column("item_id").to_pylist())
         out["bm25"] = _rerank(cands, [bm25.scores(t, r) for t, r in zip(texts, rows, strict=True)])
     for name, emb in item_emb.items():
         out[name] = _rerank(cands, [emb[r] @ q for r, q in zip(rows, q_emb[name], strict=True)])
@@ -372,7 +372,7 @@ def run(cfg: Config) -> dict[str, Any]:
     dense_of_hybrid = "fine_tuned" if "fine_tuned" in encoders else "zero_shot" if "zero_shot" in encoders else ""
     if "hybrid" in e.systems and not dense_of_hybrid:
         raise ValueError("eval.systems has hybrid but neither fine_tuned (with an export) nor zero_shot to fuse BM25 with")
-    bm25_index = _bm25_scorer(items) if {"bm25", "hybrid"} & set(e.systems) else None
+    bm25_index = _bm25_scorer(items, cfg) if {"bm25", "hybrid"} & set(e.systems) else None
     hybrid_report: dict[str, Any] = {}
     item_emb: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}

@@ -30,7 +30,7 @@ def item_token_ids(texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> l
 def hard_negatives_for(items: ItemTable, cfg: Config) -> HardNegatives | None:
     """The miner train.hard_negatives needs (None when it is 0)."""
     t = cfg.train
-    return HardNegatives(items, t.hard_negative_pool, t.seed) if t.hard_negatives > 0 else None
+    return HardNegatives(items, t.hard_negative_pool, t.seed, cfg.bm25) if t.hard_negatives > 0 else None
 
 
 def _group_key(batch: dict[str, Any], i: int) -> int:

@@ -5,16 +5,20 @@ is not always the negative."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from recsys.items import ItemTable
 
+if TYPE_CHECKING:
+    from recsys.config import BM25Config
+
 
 class HardNegatives:
-    def __init__(self, items: ItemTable, pool: int = 10, seed: int = 0) -> None:
+    def __init__(self, items: ItemTable, pool: int = 10, seed: int = 0, analyser: BM25Config | None = None) -> None:
         self.items = items
+        self.analyser = analyser
         self.pool = pool
         self._rng = np.random.default_rng(seed)
         self._bm25: Any = None
@@ -24,7 +28,7 @@ class HardNegatives:
         from recsys.bm25 import BM25Index
 
         if self._bm25 is None:
-            self._bm25 = BM25Index.build(self.items.texts)
+            self._bm25 = BM25Index.build(self.items.texts, analyser=self.analyser)
         todo = sorted({int(r) for r in rows} - self._neighbours.keys())
         if not todo:
             return

@@ -24,6 +24,7 @@ _RUN_CLASS = r"[\p{scx=Han}\p{scx=Hiragana}\p{scx=Katakana}\p{scx=Hangul}\p{scx=
 _SEGMENT = regex.compile(
     rf"(?P<run>{_RUN_CLASS}+)|(?P<word>(?:[[\p{{L}}\p{{N}}]--{_RUN_CLASS}]\p{{M}}*)+)", regex.V1
 )
+_RUN_CHAR = regex.compile(_RUN_CLASS, regex.V1)
 # For ASCII the class above is exactly letters and digits (not "_", unlike `\w`).
 _ASCII_WORD = re.compile(r"[a-z0-9]+")
 
@@ -66,3 +67,9 @@ def tokenize(
             if unigrams:
                 out.extend(seg)
     return out
+
+
+def from_unspaced_run(token: str) -> bool:
+    """Whether a `tokenize` token is a bigram or character of an unspaced run, not a word of a
+    spaced script (words never hold a run's characters, and runs hold nothing else)."""
+    return not token.isascii() and _RUN_CHAR.match(token) is not None

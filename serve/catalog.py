@@ -218,10 +218,11 @@ def load_catalog(a: AppArgs, model_uri: str, items_uri: str, index_uri: str, mod
                 raise ValueError(f"the BM25 index at {index_uri} covers other items than its dense index: rebuild it with `python -m jobs.index`")
             # Saved over the same other item table as the dense index: rebuilt over the catalog's
             # texts like the dense index above, with the saved fusion.
-            bm25 = BM25Index.build(texts, ids)
+            bm25 = BM25Index.build(texts, ids, bm25.analyser)
     else:
         # No BM25 saved with an index (none given, or one built before hybrid search): built here
-        # from the same texts, fused by the parameter-free RRF (nothing chose a weight).
+        # from the same texts with the default analyser, fused by the parameter-free RRF (nothing
+        # chose a weight).
         bm25, fusion = BM25Index.build(texts, ids), hybrid.Fusion()
         log.info("built BM25 over %d items at start-up; hybrid search fuses by %s", len(ids), fusion.describe())
     # Loaded with the catalog and swapped with it as one object: a user vector always meets item

@@ -62,10 +62,11 @@ def test_tokenize_mixed_scripts() -> None:
 
 def test_bm25_finds_chinese_products_for_chinese_queries() -> None:
     """Through evaluate's BM25 ranking: whole-run tokens (the old tokeniser) matched nothing."""
+    from recsys.config import Config
     from recsys.evaluate import _bm25_scorer, _rank_bm25
 
     items = _zh_items()
-    ranked = _rank_bm25(items, _bm25_scorer(items), ["磨豆机", "跑步鞋", "跑鞋", "无线耳机", "鞋", "耳机"], 2, None)
+    ranked = _rank_bm25(items, _bm25_scorer(items, Config()), ["磨豆机", "跑步鞋", "跑鞋", "无线耳机", "鞋", "耳机"], 2, None)
     assert ranked[0][0] == "c1"
     assert ranked[1][0] == "s1"
     assert set(ranked[2]) == {"s1", "s2"}  # "跑鞋" is in both (s1 through its category)
