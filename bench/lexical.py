@@ -32,7 +32,7 @@ METRICS = ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr@10")
 def arms(ours: BM25Config) -> dict[str, BM25Config]:
     """The old analyser, ours, and ours with one lever set back to the old analyser's value."""
     out = {"old": LEGACY_ANALYSER, "ours": ours}
-    for key in ("stemmer", "min_word_len", "char_ngrams", "word_weight", "k1"):
+    for key in ("stemmer", "min_word_len", "char_ngrams", "word_weight", "k1", "b"):
         old = getattr(LEGACY_ANALYSER, key)
         if getattr(ours, key) != old:
             out[f"ours, {key}={old}"] = ours.model_copy(update={key: old})

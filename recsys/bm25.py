@@ -19,9 +19,9 @@ an analyser record (before it existed) loads with that old analyser, so it score
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,10 @@ from recsys.text_tokens import TOKENIZER_VERSION, from_unspaced_run, tokenize
 log = logging.getLogger(__name__)
 
 META_FILE = "recsys_bm25.json"
+# The "tokenizer" an index with an analyser record writes: code from before the analyser knows
+# only TOKENIZER_VERSION, so it refuses such an index ("rebuild") instead of querying stemmed,
+# n-grammed tokens with bare words.
+ANALYSED_FORMAT = TOKENIZER_VERSION + "+analyser-1"
 
 
 def _stopwords() -> frozenset[str]:
@@ -52,11 +56,18 @@ def _quiet_bm25s() -> None:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
-@functools.lru_cache(maxsize=8)
-def _stemmer(language: str) -> Any:
-    import Stemmer
+_local = threading.local()
 
-    return Stemmer.Stemmer(language)
+
+def _stemmer(language: str) -> Any:
+    # One per thread: PyStemmer's objects must not be called concurrently, and a replica stems
+    # queries on its event loop while a catalog swap may rebuild BM25 in a worker thread.
+    cache = _local.__dict__.setdefault("stemmers", {})
+    if language not in cache:
+        import Stemmer
+
+        cache[language] = Stemmer.Stemmer(language)
+    return cache[language]
 
 
 def bm25_tokens(texts: Sequence[str], analyser: BM25Config) -> list[list[str]]:
@@ -69,7 +80,8 @@ def bm25_tokens(texts: Sequence[str], analyser: BM25Config) -> list[list[str]]:
         toks = tokenize(t or "", stopwords=stop, min_word_len=analyser.min_word_len, unigrams=True)
         spaced = [w for w in toks if not from_unspaced_run(w)]
         runs = [w for w in toks if from_unspaced_run(w)] if len(spaced) < len(toks) else []
-        words = (stem.stemWords(spaced) if stem is not None else spaced) + runs
+        # A stemmer can reduce a word to nothing ("s" under porter): dropped, never an empty token.
+        words = [w for w in stem.stemWords(spaced) if w] + runs if stem is not None else spaced + runs
         grams: list[str] = []
         if n:
             # "~" never occurs in a word token, so an n-gram cannot collide with a word.
@@ -128,7 +140,7 @@ class BM25Index:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._retriever.save(str(d), show_progress=False)
-        meta = {"tokenizer": TOKENIZER_VERSION, "analyser": self.analyser.model_dump(), "num_docs": self.num_docs,
+        meta = {"tokenizer": ANALYSED_FORMAT, "analyser": self.analyser.model_dump(), "num_docs": self.num_docs,
                 "item_ids": self.item_ids}
         (d / META_FILE).write_text(json.dumps(meta, ensure_ascii=False))
 
@@ -142,10 +154,12 @@ class BM25Index:
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: not a BM25 index folder written by BM25Index.save")
         meta = json.loads(meta_path.read_text())
-        if meta.get("tokenizer") != TOKENIZER_VERSION:
+        if meta.get("tokenizer") not in (TOKENIZER_VERSION, ANALYSED_FORMAT) or (
+            (meta.get("tokenizer") == ANALYSED_FORMAT) != ("analyser" in meta)
+        ):
             raise ValueError(
                 f"{meta_path}: index built with tokenizer {meta.get('tokenizer')!r}, this code tokenises "
-                f"with {TOKENIZER_VERSION!r}: rebuild the index"
+                f"with {ANALYSED_FORMAT!r}: rebuild the index"
             )
         retriever = bm25s.BM25.load(str(d), load_corpus=False, show_progress=False)
         analyser = BM25Config(**meta["analyser"]) if "analyser" in meta else LEGACY_ANALYSER

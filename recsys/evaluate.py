@@ -118,7 +118,8 @@ def _rerank_all(
         pop = items.column("popularity").to_numpy().astype(np.float64)
         out["popularity"] = _rerank(cands, [pop[r] for r in rows])
     if "bm25" in systems:
-        bm25 = bm25 or BM25Index.build(items.column("text").to_pylist(), items.column("item_id").to_pylist())
+        if bm25 is None:
+            raise ValueError("_rerank_all: the bm25 system needs the BM25 index (built with the config's analyser)")
         out["bm25"] = _rerank(cands, [bm25.scores(t, r) for t, r in zip(texts, rows, strict=True)])
     for name, emb in item_emb.items():
         out[name] = _rerank(cands, [emb[r] @ q for r, q in zip(rows, q_emb[name], strict=True)])

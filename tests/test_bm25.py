@@ -11,6 +11,7 @@ import pytest
 
 from recsys.bm25 import LEGACY_ANALYSER, META_FILE, BM25Index, bm25_tokens
 from recsys.config import BM25Config, ConfigError, load_config
+from recsys.text_tokens import TOKENIZER_VERSION
 
 ITEMS = [
     "Elongated Closed Front Toilet Seat in White",
@@ -66,6 +67,9 @@ def test_a_saved_index_keeps_its_analyser(tmp_path: Path) -> None:
     ix.save(tmp_path / "bm25")
     back = BM25Index.load(tmp_path / "bm25")
     assert back.analyser == analyser
+    # Code from before the analyser accepts only the bare tokeniser tag: it must refuse this index
+    # (its stemmed, n-grammed tokens would meet bare query words), not query it.
+    assert json.loads((tmp_path / "bm25" / META_FILE).read_text())["tokenizer"] != TOKENIZER_VERSION
     for q in ("toliet seat", "copper pipe 3/4", "paint"):
         np.testing.assert_allclose(back.scores(q), ix.scores(q), rtol=1e-6)
 
@@ -75,7 +79,9 @@ def test_an_index_saved_before_the_analyser_loads_with_the_old_one(tmp_path: Pat
     old.save(tmp_path / "bm25")
     meta_path = tmp_path / "bm25" / META_FILE
     meta = json.loads(meta_path.read_text())
-    del meta["analyser"]  # what an index written before the `bm25` section holds
+    # What an index written before the `bm25` section holds: no analyser, the bare tokeniser tag.
+    del meta["analyser"]
+    meta["tokenizer"] = TOKENIZER_VERSION
     meta_path.write_text(json.dumps(meta))
     back = BM25Index.load(tmp_path / "bm25")
     assert back.analyser == LEGACY_ANALYSER
@@ -102,4 +108,27 @@ def test_the_config_section_reaches_the_index() -> None:
     cfg = load_config(None, ["bm25.stemmer=french", "bm25.char_ngrams=0"])
     ix = BM25Index.build(["chaussures de course"], analyser=cfg.bm25)
     assert ix.analyser.stemmer == "french"
-    assert ix.scores("chaussure")[0] > 0  # French plural stemmed away; no n-grams to help
+    assert ix.scores("chaussure")[0] > 0  # the plural stemmed away (English would too); no n-grams
+
+
+def test_an_analysed_index_without_its_analyser_record_is_refused(tmp_path: Path) -> None:
+    BM25Index.build(ITEMS).save(tmp_path / "bm25")
+    meta_path = tmp_path / "bm25" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["analyser"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="rebuild the index"):
+        BM25Index.load(tmp_path / "bm25")
+
+
+def test_the_hard_negative_miner_reads_with_the_configured_analyser() -> None:
+    import pyarrow as pa
+
+    from recsys.features import hard_negatives_for
+    from recsys.items import ItemTable
+
+    cfg = load_config(None, ["train.hard_negatives=1", "bm25.stemmer=none", "bm25.char_ngrams=4"])
+    n = len(ITEMS)
+    table = pa.table({"item_id": [f"i{i}" for i in range(n)], "text": ITEMS, "dup_group": list(range(n)), "popularity": [1] * n})
+    miner = hard_negatives_for(ItemTable(table), cfg)
+    assert miner is not None and miner.analyser == cfg.bm25

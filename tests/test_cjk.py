@@ -83,7 +83,10 @@ def test_bm25_rerank_and_hard_negatives_read_chinese() -> None:
     items = _zh_items()
     judged = {"c1": 0.0, "h1": 0.0, "s1": 2.0}
     q = [{"query": "跑步鞋", "history": [], "judged": judged, "relevant": judged}]
-    assert _rerank_all(items, q, ["跑步鞋"], {}, {}, ["bm25"])["bm25"][0][0] == "s1"
+    from recsys.config import Config
+    from recsys.evaluate import _bm25_scorer
+
+    assert _rerank_all(items, q, ["跑步鞋"], {}, {}, ["bm25"], _bm25_scorer(items, Config()))["bm25"][0][0] == "s1"
     # The BM25 neighbour of a running shoe (itself excluded) is the other running shoe.
     rows = HardNegatives(ItemTable(items), pool=1).rows(np.array([2]), [np.array([], dtype=np.int64)], 1)
     assert items.column("item_id")[int(rows[0, 0])].as_py() == "s2"

@@ -207,7 +207,10 @@ def test_rerank_judged_orders_each_querys_candidates() -> None:
     queries = [{"query": "red running shoe", "history": [], "judged": {"a": 2.0, "c": 0.0, "d": 1.0}}]
     emb = np.eye(4, dtype=np.float32)
     q = np.array([[0.1, 0.99, 0.9, 0.5]], dtype=np.float32)
-    out = _rerank_all(items, queries, ["red running shoe"], {"m": q}, {"m": emb}, ["popularity", "bm25"])
+    from recsys.config import Config
+    from recsys.evaluate import _bm25_scorer
+
+    out = _rerank_all(items, queries, ["red running shoe"], {"m": q}, {"m": emb}, ["popularity", "bm25"], _bm25_scorer(items, Config()))
     assert out["popularity"] == [["c", "d", "a"]]
     assert out["m"] == [["c", "d", "a"]]
     assert out["bm25"][0][0] == "a" and sorted(out["bm25"][0]) == ["a", "c", "d"]
