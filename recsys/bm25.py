@@ -19,6 +19,7 @@ an analyser record (before it existed) loads with that old analyser, so it score
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -40,6 +41,7 @@ META_FILE = "recsys_bm25.json"
 ANALYSED_FORMAT = TOKENIZER_VERSION + "+analyser-1"
 
 
+@functools.cache
 def _stopwords() -> frozenset[str]:
     from bm25s.stopwords import STOPWORDS_EN
 
@@ -78,10 +80,13 @@ def bm25_tokens(texts: Sequence[str], analyser: BM25Config) -> list[list[str]]:
     out = []
     for t in texts:
         toks = tokenize(t or "", stopwords=stop, min_word_len=analyser.min_word_len, unigrams=True)
-        spaced = [w for w in toks if not from_unspaced_run(w)]
-        runs = [w for w in toks if from_unspaced_run(w)] if len(spaced) < len(toks) else []
+        spaced: list[str] = []
+        runs: list[str] = []
+        for w in toks:
+            (runs if from_unspaced_run(w) else spaced).append(w)
         # A stemmer can reduce a word to nothing ("s" under porter): dropped, never an empty token.
-        words = [w for w in stem.stemWords(spaced) if w] + runs if stem is not None else spaced + runs
+        stems = spaced if stem is None else [w for w in stem.stemWords(spaced) if w]
+        words = stems + runs
         grams: list[str] = []
         if n:
             # "~" never occurs in a word token, so an n-gram cannot collide with a word.
@@ -154,9 +159,8 @@ class BM25Index:
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: not a BM25 index folder written by BM25Index.save")
         meta = json.loads(meta_path.read_text())
-        if meta.get("tokenizer") not in (TOKENIZER_VERSION, ANALYSED_FORMAT) or (
-            (meta.get("tokenizer") == ANALYSED_FORMAT) != ("analyser" in meta)
-        ):
+        # An analyser record goes with the analysed tag; an index from before has neither.
+        if meta.get("tokenizer") != (ANALYSED_FORMAT if "analyser" in meta else TOKENIZER_VERSION):
             raise ValueError(
                 f"{meta_path}: index built with tokenizer {meta.get('tokenizer')!r}, this code tokenises "
                 f"with {ANALYSED_FORMAT!r}: rebuild the index"
