@@ -132,3 +132,9 @@ def test_the_hard_negative_miner_reads_with_the_configured_analyser() -> None:
     table = pa.table({"item_id": [f"i{i}" for i in range(n)], "text": ITEMS, "dup_group": list(range(n)), "popularity": [1] * n})
     miner = hard_negatives_for(ItemTable(table), cfg)
     assert miner is not None and miner.analyser == cfg.bm25
+
+
+def test_a_word_stemmed_to_nothing_gives_no_token() -> None:
+    # Porter stems "s" (as in "Lowe's") to "": an empty token would match every such text.
+    toks = bm25_tokens(["Lowe's drills"], BM25Config(stemmer="porter", char_ngrams=0, word_weight=1))[0]
+    assert "" not in toks and sorted(toks) == ["drill", "low"]
