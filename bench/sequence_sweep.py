@@ -77,7 +77,7 @@ def main() -> None:
         over = dict(base, **{k: v for (k, _), v in zip(axes, combo, strict=True)})
         scfg = SequenceConfig(**over)
         t = time.perf_counter()
-        model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=0, item_id_embeddings=args.ids)
+        model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=scfg.seed, item_id_embeddings=args.ids)
         row: dict[str, Any] = {"settings": over, "train_s": round(time.perf_counter() - t, 1),
                                "epochs": hist["epochs"], "best_epoch": hist["best_epoch"], "params": hist["params"]}
         for split in ("valid", "test"):

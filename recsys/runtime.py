@@ -199,10 +199,49 @@ def fit_trainer(trainer: Any) -> Any:
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # no handler can be set there
-        return trainer.fit()
-    previous = signal.getsignal(signal.SIGINT)
+        result = trainer.fit()
+    else:
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            result = trainer.fit()
+        finally:
+            if previous is not None:  # None: set from outside Python; nothing of ours to restore
+                signal.signal(signal.SIGINT, previous)
+    if getattr(result, "error", None) is None:
+        remove_orphan_checkpoints(result)
+    return result
+
+
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names: checkpoint_<timestamp>
+
+
+def remove_orphan_checkpoints(result: Any) -> list[str]:
+    """Delete the run folder's checkpoint folders that Ray Train never registered; returns them.
+
+    An attempt that dies in the middle of a checkpoint upload leaves a half-written folder. Ray
+    never registers it (a rank reports only after its verified upload), and the retry writes a
+    new folder, since names are timestamps. `num_to_keep` pruning only deletes registered
+    checkpoints, so the orphan would otherwise stay on storage for good. Run after a successful
+    fit only: then no attempt is still writing, and `best_checkpoints` lists every checkpoint
+    the run keeps (restored from the run folder's snapshot across resumes)."""
+    import pyarrow.fs as pafs
+
+    fs = result.filesystem
+    if fs is None or not result.path:
+        return []
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
     try:
-        return trainer.fit()
-    finally:
-        if previous is not None:  # None: set from outside Python; nothing of ours to restore
-            signal.signal(signal.SIGINT, previous)
+        infos = fs.get_file_info(pafs.FileSelector(result.path, recursive=False))
+    except (FileNotFoundError, OSError) as e:  # storage unreachable: leave them, say so
+        log.warning("could not list %s to remove unregistered checkpoints: %s", result.path, e)
+        return []
+    orphans = [i.path for i in infos
+               if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX) and i.base_name not in kept]
+    for path in orphans:
+        fs.delete_dir(path)
+    if orphans:
+        log.info("removed %d checkpoint folder(s) Ray Train never registered (half-written by a failed attempt): %s",
+                 len(orphans), ", ".join(p.rstrip("/").rsplit("/", 1)[-1] for p in orphans))
+    return orphans

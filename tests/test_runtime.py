@@ -107,3 +107,45 @@ def test_an_s3_model_is_read_with_the_run_s_storage_settings_and_old_copies_go(s
     storage.write_bytes(storage.join(uri, "extra.txt"), b"again", st)
     third = Path(resolve_model_path(uri, cache_dir=tmp_path))
     assert third != second and second.exists() and third.exists()
+
+
+def test_a_successful_fit_deletes_checkpoint_folders_ray_never_registered(ray_cluster, s3_storage) -> None:
+    """A half-written checkpoint folder (an attempt that died mid-upload) on S3 is never
+    registered and `num_to_keep` pruning never sees it: fit_trainer removes it once the run
+    succeeds, and keeps exactly the checkpoints Ray registered."""
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from recsys import storage
+    from recsys.runtime import fit_trainer
+
+    def three_checkpoints(config: dict) -> None:  # nested: Ray's workers cannot import this module
+        import tempfile
+
+        import ray.train
+
+        for step in range(3):
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "step.txt").write_text(str(step))
+                ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    fs, root = storage.train_filesystem(s3_storage.root, s3_storage)
+    orphan = "checkpoint_2026-01-01_00-00-00.000000"
+    storage.write_bytes(f"{s3_storage.root}/run/{orphan}/model.safetensors", b"half", s3_storage)
+    storage.write_bytes(f"{s3_storage.root}/run/not_a_checkpoint/keep.txt", b"ours", s3_storage)
+    trainer = TorchTrainer(
+        three_checkpoints,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="run", storage_path=root, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = fit_trainer(trainer)
+    assert result.error is None
+    folders = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/run")) if i.type == pafs.FileType.Directory}
+    registered = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints}
+    assert len(registered) == 2 and orphan not in registered
+    assert {f for f in folders if f.startswith("checkpoint_")} == registered, "the orphan is gone, the kept ones stay"
+    assert "not_a_checkpoint" in folders, "only checkpoint folders are touched"
+    with result.checkpoint.as_directory() as d:
+        assert Path(d, "step.txt").read_text() == "2"

@@ -314,8 +314,11 @@ def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint
         assert _files(run_dir(s3_server, cfg) / name) == whole, name
     state = json.loads((run_dir(s3_server, cfg) / names[-1] / "recsys_state.json").read_text())
     assert state["step"] == 8
-    # The half-written folder is an orphan: never registered, so Ray Train's pruning leaves it.
-    assert (run_dir(s3_server, cfg) / partial).is_dir()
+    # The half-written folder was never registered, so Ray Train's pruning never sees it: the
+    # successful fit removes it (recsys.runtime.remove_orphan_checkpoints), and only the
+    # registered checkpoints are left.
+    assert not (run_dir(s3_server, cfg) / partial).exists()
+    assert sorted(p.name for p in run_dir(s3_server, cfg).glob("checkpoint_*")) == sorted(names)
 
 
 def _alive(class_name: str) -> list[int]:
