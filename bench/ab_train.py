@@ -9,6 +9,8 @@ arm A and arm B (run names `<name>-A`, `<name>-B`; the same seed, steps and batc
 both exports on the config's split with the same systems, and compares them query by query
 (`bench.ab_compare`: paired bootstrap and t-test, 95% interval, "within noise" when it is).
 Stages can be run apart (`--stages prepare,train` now, `--stages evaluate,compare` later).
+`--c` adds a third arm (`<name>-C`), compared with A as B is (a three-point curve, one baseline);
+`--arms` runs the train / evaluate stages for some arms only (e.g. `--arms C` once A and B exist).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--name", required=True, help="experiment name (run names <name>-A / <name>-B)")
     p.add_argument("--a", default="", help="overrides of arm A (the baseline), space separated")
     p.add_argument("--b", default="", help="overrides of arm B (the change)")
+    p.add_argument("--c", default=None, help="overrides of an optional arm C, also compared with A")
+    p.add_argument("--arms", default="", help="arms to train / evaluate (default: all)")
     p.add_argument("--set", default="", help="overrides shared by both arms (budget, root, eval)")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--reuse-data", action="store_true", help="skip prepare when the data exists")
@@ -52,6 +56,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stages = [s for s in args.stages.split(",") if s]
     out: dict[str, Any] = {"name": args.name, "config": args.config, "a": args.a, "b": args.b, "shared": args.set}
+    arms = ["A", "B"] + (["C"] if args.c is not None else [])
+    if args.c is not None:
+        out["c"] = args.c
+    run_arms = [a.strip().upper() for a in args.arms.split(",") if a.strip()] or arms
+    if set(run_arms) - set(arms):
+        p.error(f"--arms {args.arms}: the arms are {','.join(arms)} (arm C needs --c)")
     base = _cfg(args, None)
     if "prepare" in stages:
         if args.reuse_data and storage.exists(paths.manifest(base), base.storage):
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t = time.perf_counter()
             prepare.run(base)
             out["prepare_s"] = round(time.perf_counter() - t, 1)
-    for arm in ("A", "B"):
+    for arm in run_arms:
         cfg = _cfg(args, arm)
         if "train" in stages:
             from recsys import train
@@ -77,11 +87,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "compare" in stages:
         from bench.ab_compare import compare, load_per_query, to_markdown
 
-        a_dir, b_dir = paths.eval_dir(_cfg(args, "A")), paths.eval_dir(_cfg(args, "B"))
-        result = compare(load_per_query(a_dir), load_per_query(b_dir), args.system, args.system,
-                         args.metrics.split(","), where=(a_dir, b_dir))
-        out["comparison"] = {**result, "a": paths.relative(base, a_dir), "b": paths.relative(base, b_dir)}
-        markdown = to_markdown(result, f"A ({args.a or 'defaults'})", f"B ({args.b or 'defaults'})")
+        a_dir = paths.eval_dir(_cfg(args, "A"))
+        a_per_query = load_per_query(a_dir)
+        parts = []
+        for arm in arms[1:]:
+            other = paths.eval_dir(_cfg(args, arm))
+            result = compare(a_per_query, load_per_query(other), args.system, args.system,
+                             args.metrics.split(","), where=(a_dir, other))
+            key = "comparison" if arm == "B" else f"comparison_{arm}"
+            out[key] = {**result, "a": paths.relative(base, a_dir), arm.lower(): paths.relative(base, other)}
+            parts.append(to_markdown(result, f"A ({args.a or 'defaults'})", f"{arm} ({getattr(args, arm.lower()) or 'defaults'})"))
+        markdown = "\n\n".join(parts)
         print(markdown)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
