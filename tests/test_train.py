@@ -271,6 +271,35 @@ def test_a_checkpoint_upload_rides_out_an_object_store_restart(prepared, s3_serv
         assert _files(run_dir(s3_server, cfg) / name) == whole, name
 
 
+@pytest.mark.slow  # ~3 min
+def test_an_outage_longer_than_the_retries_fails_the_run_and_a_resubmit_resumes(prepared, s3_server) -> None:
+    """Issue 18: the S3 server stays down past every retry of a checkpoint upload
+    (`storage.s3_max_attempts` 2, a second or two of backoff; the server down 20 s). The upload
+    raises in `report`, so with no restarts left (`train.max_failures` 0) the run fails with an
+    error instead of registering a partial checkpoint. Re-submitted under the same run name once
+    the store is back, it resumes from the last registered checkpoint, logs every step once, and
+    leaves no half-written folder behind."""
+    from bench.faults import fault_when, restart
+    from recsys import train
+
+    cfg = _cfg(prepared, zero_stage=2, run_name="s3-down-long", max_steps=6, checkpoint_every=2, keep_checkpoints=3, max_failures=0)
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"s3_max_attempts": 2})})
+    with fault_when(_new_checkpoint_uploading(s3_server, cfg, after=1), lambda: restart(s3_server, down_s=20.0)) as outage:
+        with pytest.raises(Exception) as failed:
+            train.run(cfg)
+    assert outage.error is None and outage.down_at and outage.up_at, (outage.error, outage.seen)
+    first = outage.seen["dirs"][0]
+    assert _registered(s3_server, cfg) == [first], f"only the step-2 checkpoint is registered after {failed.value!r}"
+    summary = train.run(cfg)
+    rows = _metrics(cfg)
+    assert summary["resumed_from_step"] == 2 and [r["step"] for r in rows] == list(range(1, 7))
+    names = _registered(s3_server, cfg)
+    assert first in names and outage.seen["partial"] not in names and len(names) == 3
+    assert sorted(p.name for p in run_dir(s3_server, cfg).glob("checkpoint_*") if p.is_dir()) == sorted(names)
+    for name in names:
+        assert _files(run_dir(s3_server, cfg) / name) == set(outage.seen["whole"]), name
+
+
 def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint(prepared, s3_server) -> None:
     """Issue 18: a worker is SIGKILLed while its checkpoint is half uploaded (the S3 server is
     frozen with SIGSTOP in the middle of the upload, so the kill lands there). Ray Train
