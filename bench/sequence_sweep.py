@@ -8,7 +8,9 @@ Run the prepare job first (e.g. jobs/configs/train_amazon.yaml), then:
         --ids --set dim=300 ...
 
 `--emb` is a .npy of the catalog's text embeddings row-aligned with the items table, or a run's
-`embeddings/` parquet folder. Each `--grid key=v1,v2` adds a sweep axis.
+`embeddings/` parquet folder. Each `--grid key=v1,v2` adds a sweep axis. `--ensemble K` trains
+each combination with seeds 0..K-1 and also ranks by the mean of the first k towers' scores
+(their L2-normalised vectors concatenated, / sqrt(k)), for k = 1..K.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 
 from recsys.config import SequenceConfig
 from recsys.metrics import average, per_query_metrics
+from recsys.retrieval import search
+from recsys.sequence import SequenceCatalog
 from recsys.train_sequence import SequenceExamples, fit
 
 
@@ -43,6 +47,13 @@ def _emb(path: str, item_ids: list[str]) -> np.ndarray:
     pos = {i: k for k, i in enumerate(t.column("item_id").to_pylist())}
     e = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
     return e[[pos[i] for i in item_ids]]
+
+
+def _metrics(ex: SequenceExamples, split: str, items: np.ndarray, users: np.ndarray, item_ids: list[str]) -> dict[str, float]:
+    """Full-ranking metrics of users (m, d) against catalog vectors (n, d), top 50."""
+    ranked = [[item_ids[j] for j in top] for top, _ in search(items, users, 50)]
+    m = average(per_query_metrics(ranked, ex.relevant(item_ids), [10, 50]), split)
+    return {k: round(v, 4) for k, v in m.items() if not k.endswith("queries")}
 
 
 def _parse(v: str) -> Any:
@@ -60,6 +71,7 @@ def main() -> None:
     ap.add_argument("--grid", action="append", default=[])
     ap.add_argument("--ids", action="store_true", help="model.item_id_embeddings=true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ensemble", type=int, default=1, help="seeds per combination, also ranked as an ensemble")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -75,17 +87,24 @@ def main() -> None:
     results = []
     for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
         over = dict(base, **{k: v for (k, _), v in zip(axes, combo, strict=True)})
-        scfg = SequenceConfig(**over)
-        t = time.perf_counter()
-        model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=scfg.seed, item_id_embeddings=args.ids)
-        row: dict[str, Any] = {"settings": over, "train_s": round(time.perf_counter() - t, 1),
-                               "epochs": hist["epochs"], "best_epoch": hist["best_epoch"], "params": hist["params"]}
-        for split in ("valid", "test"):
-            ranked = ex[split].rank(model, emb, item_ids, 50)
-            m = average(per_query_metrics(ranked, ex[split].relevant(item_ids), [10, 50]), split)
-            row.update({k: round(v, 4) for k, v in m.items() if not k.endswith("queries")})
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        members: dict[str, list[np.ndarray]] = {"items": [], "valid": [], "test": []}
+        for member in range(args.ensemble):
+            scfg = SequenceConfig(**({**over, "seed": member} if args.ensemble > 1 else over))
+            t = time.perf_counter()
+            model, hist = fit(scfg, ex["train"], emb, item_ids, dup, valid=ex["valid"], seed=scfg.seed, item_id_embeddings=args.ids)
+            row: dict[str, Any] = {"settings": scfg.model_dump(include=set(over) | {"seed"}), "train_s": round(time.perf_counter() - t, 1),
+                                   "epochs": hist["epochs"], "best_epoch": hist["best_epoch"], "params": hist["params"]}
+            catalog = SequenceCatalog(model, emb, item_ids)
+            members["items"].append(catalog.vectors)
+            for split in ("valid", "test"):
+                users = catalog.users(ex[split].histories())
+                members[split].append(users)
+                row.update(_metrics(ex[split], split, catalog.vectors, users, item_ids))
+                if member:
+                    ens = _metrics(ex[split], split, np.concatenate(members["items"], 1), np.concatenate(members[split], 1), item_ids)
+                    row.update({f"ensemble{member + 1} {k}": v for k, v in ens.items()})
+            results.append(row)
+            print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
