@@ -167,6 +167,13 @@ def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     assert all("user_config" in d for d in app["deployments"] if d["name"] in ("Ingress", "Retriever")), "URIs in user_config: swaps in place"
     enc = next(d for d in app["deployments"] if d["name"] == "Ingress")
     assert enc["autoscaling_config"]["max_replicas"] > enc["autoscaling_config"]["min_replicas"]
+    # Head loss: GCS fault tolerance on (workers outlive the head), its Redis password from a
+    # Secret, and the Serve service never routes to the head.
+    ft = spec["rayClusterConfig"].get("gcsFaultToleranceOptions")
+    assert ft and ft["redisAddress"], "a lost head pod must not take the serving workers down"
+    assert set(ft) <= {"externalStorageNamespace", "redisAddress", "redisPassword", "redisUsername"}, set(ft)
+    assert set(ft["redisPassword"]) == {"valueFrom"} and ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"]
+    assert spec["excludeHeadPodFromServeSvc"] is True
 
 
 def test_no_credentials_in_any_cluster_file() -> None:
