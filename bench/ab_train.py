@@ -41,7 +41,7 @@ def _cfg(args: argparse.Namespace, arm: str | None) -> Config:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--name", required=True, help="experiment name (run names <name>-A / <name>-B)")
+    p.add_argument("--name", required=True, help="experiment name (run names <name>-A / <name>-B / <name>-C)")
     p.add_argument("--a", default="", help="overrides of arm A (the baseline), space separated")
     p.add_argument("--b", default="", help="overrides of arm B (the change)")
     p.add_argument("--c", default=None, help="overrides of an optional arm C, also compared with A")

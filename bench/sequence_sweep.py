@@ -84,6 +84,8 @@ def main() -> None:
     axes = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
     max_len = int(base.get("max_len", 50))  # one width for every combination: --set it, not --grid it
     ex = {s: SequenceExamples.from_table(_table(f"{args.data}/examples/next_item/{s}"), item_ids, max_len) for s in ("train", "valid", "test")}
+    if args.ensemble > 1 and ("seed" in base or any(k == "seed" for k, _ in axes)):
+        ap.error("--ensemble sets the seeds itself (0..K-1): drop seed from --set / --grid")
     results = []
     for combo in itertools.product(*[vals for _, vals in axes]) if axes else [()]:
         over = dict(base, **{k: v for (k, _), v in zip(axes, combo, strict=True)})

@@ -213,6 +213,7 @@ def fit_trainer(trainer: Any) -> Any:
 
 
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names: checkpoint_<timestamp>
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # its record of the registered ones (Ray 2.60)
 
 
 def remove_orphan_checkpoints(result: Any) -> list[str]:
@@ -221,26 +222,52 @@ def remove_orphan_checkpoints(result: Any) -> list[str]:
     An attempt that dies in the middle of a checkpoint upload leaves a half-written folder. Ray
     never registers it (a rank reports only after its verified upload), and the retry writes a
     new folder, since names are timestamps. `num_to_keep` pruning only deletes registered
-    checkpoints, so the orphan would otherwise stay on storage for good. Run after a successful
-    fit only: then no attempt is still writing, and `best_checkpoints` lists every checkpoint
-    the run keeps (restored from the run folder's snapshot across resumes)."""
+    checkpoints, so the orphan would otherwise stay on storage for good.
+
+    What is registered is read from Ray's own record, the run folder's checkpoint-manager
+    snapshot (written before Ray prunes), not from `result.best_checkpoints`: that list is cut
+    to `num_to_keep`, which can be smaller than what the snapshot still holds (a finished run
+    resubmitted with a lower keep count registers nothing new, so nothing is pruned). Without a
+    readable snapshot nothing is deleted. Runs after a successful fit only, and assumes one
+    writer per run folder (Ray Train's own rule): then no attempt is still uploading. Best
+    effort: a failed listing or delete is logged, never raised, since training is done."""
+    import json
+
     import pyarrow.fs as pafs
 
     fs = result.filesystem
     if fs is None or not result.path:
         return []
-    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    root = str(result.path).rstrip("/")
+    if isinstance(fs, pafs.PyFileSystem) and hasattr(getattr(fs.handler, "fs", None), "invalidate_cache"):
+        fs.handler.fs.invalidate_cache(root)  # s3fs caches listings; Ray may have pruned since
+    try:
+        with fs.open_input_stream(f"{root}/{SNAPSHOT_FILE}") as f:
+            snap = json.loads(f.read())
+        kept = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
+        kept |= {r["checkpoint_dir_name"] for r in snap.get("pending_training_results", [])}
+        if snap.get("latest_checkpoint_result"):
+            kept.add(snap["latest_checkpoint_result"]["checkpoint_dir_name"])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # no snapshot, or a format we do not know
+        log.warning("not removing unregistered checkpoints under %s: its %s could not be read (%s)", root, SNAPSHOT_FILE, e)
+        return []
+    kept |= {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
     if result.checkpoint is not None:
         kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
     try:
-        infos = fs.get_file_info(pafs.FileSelector(result.path, recursive=False))
-    except (FileNotFoundError, OSError) as e:  # storage unreachable: leave them, say so
-        log.warning("could not list %s to remove unregistered checkpoints: %s", result.path, e)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except OSError as e:
+        log.warning("could not list %s to remove unregistered checkpoints: %s", root, e)
         return []
-    orphans = [i.path for i in infos
-               if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX) and i.base_name not in kept]
-    for path in orphans:
-        fs.delete_dir(path)
+    orphans = []
+    for i in infos:
+        if i.type != pafs.FileType.Directory or not i.base_name.startswith(CHECKPOINT_PREFIX) or i.base_name in kept:
+            continue
+        try:
+            fs.delete_dir(i.path)
+            orphans.append(i.path)
+        except OSError as e:
+            log.warning("could not delete the unregistered checkpoint folder %s: %s", i.path, e)
     if orphans:
         log.info("removed %d checkpoint folder(s) Ray Train never registered (half-written by a failed attempt): %s",
                  len(orphans), ", ".join(p.rstrip("/").rsplit("/", 1)[-1] for p in orphans))

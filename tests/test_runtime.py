@@ -142,10 +142,31 @@ def test_a_successful_fit_deletes_checkpoint_folders_ray_never_registered(ray_cl
     )
     result = fit_trainer(trainer)
     assert result.error is None
-    folders = {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/run")) if i.type == pafs.FileType.Directory}
+    def folders_now() -> set[str]:
+        fs.handler.fs.invalidate_cache()  # s3fs caches listings in this process
+        return {i.base_name for i in fs.get_file_info(pafs.FileSelector(f"{root}/run")) if i.type == pafs.FileType.Directory}
+
+    folders = folders_now()
     registered = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints}
     assert len(registered) == 2 and orphan not in registered
     assert {f for f in folders if f.startswith("checkpoint_")} == registered, "the orphan is gone, the kept ones stay"
     assert "not_a_checkpoint" in folders, "only checkpoint folders are touched"
     with result.checkpoint.as_directory() as d:
         assert Path(d, "step.txt").read_text() == "2"
+
+    # Resubmitted with a lower keep count and nothing new to save (a finished run): Ray still
+    # holds both registered checkpoints in its snapshot, though best_checkpoints lists one.
+    def no_checkpoint(config: dict) -> None:
+        import ray.train
+
+        ray.train.report({"step": 3})
+
+    again = fit_trainer(TorchTrainer(
+        no_checkpoint,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="run", storage_path=root, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    ))
+    assert again.error is None
+    after = folders_now()
+    assert registered <= after, "a checkpoint Ray still has registered was deleted"

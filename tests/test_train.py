@@ -279,17 +279,20 @@ def test_an_outage_longer_than_the_retries_fails_the_run_and_a_resubmit_resumes(
     error instead of registering a partial checkpoint. Re-submitted under the same run name once
     the store is back, it resumes from the last registered checkpoint, logs every step once, and
     leaves no half-written folder behind."""
+    import ray.train
+
     from bench.faults import fault_when, restart
     from recsys import train
 
     cfg = _cfg(prepared, zero_stage=2, run_name="s3-down-long", max_steps=6, checkpoint_every=2, keep_checkpoints=3, max_failures=0)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"s3_max_attempts": 2})})
     with fault_when(_new_checkpoint_uploading(s3_server, cfg, after=1), lambda: restart(s3_server, down_s=20.0)) as outage:
-        with pytest.raises(Exception) as failed:
+        with pytest.raises(ray.train.TrainingFailedError) as failed:
             train.run(cfg)
     assert outage.error is None and outage.down_at and outage.up_at, (outage.error, outage.seen)
     first = outage.seen["dirs"][0]
     assert _registered(s3_server, cfg) == [first], f"only the step-2 checkpoint is registered after {failed.value!r}"
+    print(f"the run failed with {type(failed.value).__name__}: {str(failed.value)[:2000]}")
     summary = train.run(cfg)
     rows = _metrics(cfg)
     assert summary["resumed_from_step"] == 2 and [r["step"] for r in rows] == list(range(1, 7))
