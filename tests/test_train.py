@@ -292,7 +292,9 @@ def test_an_outage_longer_than_the_retries_fails_the_run_and_a_resubmit_resumes(
     assert outage.error is None and outage.down_at and outage.up_at, (outage.error, outage.seen)
     first = outage.seen["dirs"][0]
     assert _registered(s3_server, cfg) == [first], f"only the step-2 checkpoint is registered after {failed.value!r}"
-    print(f"the run failed with {type(failed.value).__name__}: {str(failed.value)[:2000]}")
+    # The worker's report failed in our verified upload (measured: WorkerGroupError, its
+    # snippet ending in storage.upload_dir_verified), not somewhere else in the run.
+    assert isinstance(failed.value, ray.train.WorkerGroupError) and "upload_dir_verified" in str(failed.value), failed.value
     summary = train.run(cfg)
     rows = _metrics(cfg)
     assert summary["resumed_from_step"] == 2 and [r["step"] for r in rows] == list(range(1, 7))
