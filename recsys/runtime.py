@@ -251,9 +251,6 @@ def remove_orphan_checkpoints(result: Any) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as e:  # no snapshot, or a format we do not know
         log.warning("not removing unregistered checkpoints under %s: its %s could not be read (%s)", root, SNAPSHOT_FILE, e)
         return []
-    kept |= {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
-    if result.checkpoint is not None:
-        kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     except OSError as e:
