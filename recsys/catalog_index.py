@@ -46,6 +46,26 @@ def embeddings_model_id(uri: str, cfg: Config) -> str:
     return meta.get(EMBEDDINGS_MODEL_KEY, b"").decode()
 
 
+# eval.embed_actors=0: at most this many actors, each given at least this many items.
+AUTO_EMBED_MAX_ACTORS = 8
+AUTO_EMBED_MIN_ITEMS = 2048
+
+
+def embed_actor_count(cfg: Config, n_items: int) -> int:
+    """eval.embed_actors, or with 0 (auto) one actor per GPU of the cluster (train.use_gpu), else
+    one per 2 logical CPUs: an actor holds 0.5 CPU and Ray sets its OMP_NUM_THREADS to 1, so a
+    single actor encodes on one core however many the node has (a local cluster declares 2
+    logical CPUs per core, recsys.runtime.ensure_ray). Capped at AUTO_EMBED_MAX_ACTORS and at
+    one actor per AUTO_EMBED_MIN_ITEMS items, since each actor loads the model. Ray must be up."""
+    if cfg.eval.embed_actors:
+        return cfg.eval.embed_actors
+    import ray
+
+    resources = ray.cluster_resources()
+    slots = int(resources.get("GPU", 0)) if cfg.train.use_gpu else int(resources.get("CPU", 1)) // 2
+    return max(1, min(slots, AUTO_EMBED_MAX_ACTORS, -(-n_items // AUTO_EMBED_MIN_ITEMS)))
+
+
 def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -> tuple[np.ndarray, str]:
     """Catalog embeddings by Ray Data batch inference (actor pool; GPU through config), in the
     items' order, and the identity of the model that made them. The parquet written to
@@ -69,20 +89,22 @@ def embed_catalog(cfg: Config, model_path: str, items: pa.Table, out_uri: str) -
                 "model_id": pa.array([self.encoder.model_id] * batch.num_rows, pa.string()),
             })
 
+    n = items.num_rows
+    actors = embed_actor_count(cfg, n)
     # Several blocks, not one: a single block is a single task (extra actors would idle) and
     # its progress jumps from 0 to done.
-    n = items.num_rows
-    per_block = max(256, min(4096, -(-n // (8 * max(1, cfg.eval.embed_actors)))))
+    per_block = max(256, min(4096, -(-n // (8 * actors))))
     blocks = [items.select(["item_id", "text"]).slice(s, per_block) for s in range(0, n, per_block)]
     ds = ray.data.from_arrow(blocks).map_batches(
         Embed,
         batch_format="pyarrow",
         batch_size=max(cfg.eval.embed_batch_size, 256),
-        compute=ray.data.ActorPoolStrategy(size=max(1, cfg.eval.embed_actors)),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         # Fractional CPUs: whole-CPU actors starve the read tasks on small machines.
         num_cpus=0.5 if not cfg.train.use_gpu else 1,
         num_gpus=1 if cfg.train.use_gpu else 0,
     )
+    log.info("embedding %d items with %d Ray Data actor(s)", n, actors)
     progress = Progress(n, "embed catalog (Ray Data)", "items")
     parts = []
     for part in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -406,7 +406,9 @@ class EvalConfig(_Section):
     ivf_nprobe: PositiveInt = 24
     filter_exact_max_kept: int = Field(10_000, ge=0)
     embed_batch_size: PositiveInt = 64
-    embed_actors: PositiveInt = 1
+    # Ray Data actors embedding the catalog; 0 = auto (recsys.catalog_index.embed_actor_count:
+    # one per GPU, or per 2 logical CPUs, at most 8).
+    embed_actors: int = Field(0, ge=0)
     max_queries: int = Field(0, ge=0)  # 0 = all
     # Search only: also re-rank each query's judged items (all of them, any gain) and report
     # `<split>/search_rerank/*` beside full-catalog retrieval (Home Depot's second protocol).
