@@ -41,6 +41,8 @@ from recsys.validation import headline
 log = logging.getLogger(__name__)
 
 STATE_FILE = "recsys_state.json"
+# train.tokenize_in=pipeline: Featurize batches per Ray Data block (see _train_dataset).
+FEATURIZE_BLOCK_BATCHES = 4
 DS_TAG = "ds"
 
 
@@ -542,13 +544,21 @@ def _train_dataset(cfg: Config, read_args: dict[str, Any] | None = None,
     if cfg.train.tokenize_in == "pipeline":
         # Tokenise in a Ray Data actor pool, streaming ahead of the workers (CPU work off the
         # training processes: on GPU nodes it overlaps with the GPU's step).
-        ds = ds.map_batches(Featurize, **{
+        args = {
             "fn_constructor_kwargs": {"cfg_dict": to_dict(cfg)},
             "batch_format": "numpy",
             "batch_size": max(64, cfg.train.batch_size),
             "compute": ray.data.ActorPoolStrategy(size=max(1, cfg.train.tokenize_actors)),
             "num_cpus": cfg.train.tokenize_cpus,
-        } | (featurize_args or {}))
+        } | (featurize_args or {})
+        # A block is one actor task, and its output leaves the actor only when the task ends (or
+        # at Ray's 128 MiB block size). Ray 2.60 reads small example files in one task as blocks
+        # of up to 128 MiB: on 1M rows that was 2 blocks of 500k, one actor of 2 sat idle and the
+        # first batch came after 209 s (docs/results.md, "Training data path"). Blocks of a few
+        # batches keep every actor busy and the first batch seconds away; the repartition
+        # streams (no shuffle) and keeps the order.
+        ds = ds.repartition(target_num_rows_per_block=FEATURIZE_BLOCK_BATCHES * args["batch_size"])
+        ds = ds.map_batches(Featurize, **args)
     return ds
 
 

@@ -440,3 +440,27 @@ def test_a_resume_with_another_layout_names_the_setting_that_keeps_the_global_ba
     assert train.resume_layout("s.json", 2, 16, 1, 2, 0, "train.batch_size") is False and not caplog.text
     monkeypatch.setattr(train, "_checkpoint_state", lambda f: {})
     assert train.resume_layout("s.json", 1, 16, 1, 2, 0, "train.batch_size") is False
+
+
+def test_the_featurize_pool_gets_blocks_of_a_few_batches(prepared, monkeypatch) -> None:
+    """tokenize_in=pipeline: however the read packs the example files into blocks (Ray 2.60 reads
+    small files in one task), each Featurize task gets at most FEATURIZE_BLOCK_BATCHES batches,
+    so no actor idles behind another's whole-file block and the first batch is not a file away.
+    Every example still arrives once, in order."""
+    from ray.data import DataContext
+
+    from recsys.items import ItemTable
+    from recsys.train import FEATURIZE_BLOCK_BATCHES, _train_dataset
+
+    # As the trainer runs it (recsys.train._ingest_options).
+    monkeypatch.setattr(DataContext.get_current().execution_options, "preserve_order", True)
+    cfg = _cfg(prepared, tokenize_in="pipeline", tokenize_actors=2)
+    batch = 8
+    read = _train_dataset(_cfg(prepared, tokenize_in="worker")).take_all()
+    rows = [b.num_rows() for b in _train_dataset(cfg, featurize_args={"batch_size": batch}).iter_internal_ref_bundles()]
+    assert sum(rows) == len(read) > 4 * FEATURIZE_BLOCK_BATCHES * batch
+    assert max(rows) <= FEATURIZE_BLOCK_BATCHES * batch, rows
+    # The featurised rows are the read's rows, in the read's order.
+    items = ItemTable.load(cfg)
+    got = [r["item_keys"] for r in _train_dataset(cfg, featurize_args={"batch_size": batch}).take_all()]
+    assert got == items.keys[items.rows([r["item_id"] for r in read], "example")].tolist()
