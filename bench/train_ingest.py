@@ -303,7 +303,19 @@ def _loop(config: dict[str, Any]) -> None:
     step_s = bench["step_ms"] / 1000
     waits: list[float] = []
     n = 0
-    stream = iter(_iter(ray.train.get_dataset_shard("train"), t, bench))
+    shard = ray.train.get_dataset_shard("train")
+    if bench["loop"] == "stream":
+        # The trainer's own iterator (recsys.stream.Stream: Ray's default prefetch, the local
+        # shuffle buffer, re-batching, and the row hashes a resume walks past), one epoch.
+        import itertools
+
+        from recsys.stream import Stream
+
+        # (A full pass ends at the first batch of epoch 1, which that epoch's start delays.)
+        first_epoch = itertools.takewhile(lambda eb: eb[0] == 0, Stream(shard, t.rows_per_batch, t.seed, 0, too_small="no full batch"))
+        stream = (b for _, b in first_epoch)
+    else:
+        stream = iter(_iter(shard, t, bench))
     t_start = time.perf_counter()
     t_first = None
     t_warm_wall = time.time()
@@ -313,7 +325,7 @@ def _loop(config: dict[str, Any]) -> None:
             batch = next(stream)
         except StopIteration:
             break
-        if bench["batch_format"] == "pyarrow":
+        if bench["loop"] == "iter" and bench["batch_format"] == "pyarrow":
             batch = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in batch.column_names}
         tensors = (to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline"
                    else collate(batch, items, tokenizer, cfg, negatives))
@@ -379,7 +391,7 @@ def ray_arm(cfg: Any, bench: dict[str, Any], read_args: dict[str, Any], featuriz
             "step_ms": bench["step_ms"], "shuffle": cfg.train.shuffle, "read_args": read_args,
             "featurize_args": {k: v for k, v in featurize_args.items() if k != "compute"},
             "actors": cfg.train.tokenize_actors, "actor_cpus": cfg.train.tokenize_cpus,
-            "batch_format": bench["batch_format"], "prefetch": bench["prefetch"]}
+            "batch_format": bench["batch_format"], "prefetch": bench["prefetch"], "loop": bench["loop"]}
 
 
 def main() -> None:
@@ -405,7 +417,10 @@ def main() -> None:
     p.add_argument("--read-blocks", type=int, default=0, help="read_parquet override_num_blocks (0 = Ray's choice)")
     p.add_argument("--read-cpus", type=float, default=0.0, help="read tasks' num_cpus (0 = Ray's default 1)")
     p.add_argument("--batch-format", default="numpy", choices=["numpy", "pyarrow"])
-    p.add_argument("--prefetch", type=int, default=1, help="iter_batches prefetch_batches (Ray's default 1)")
+    p.add_argument("--prefetch", type=int, default=1, help="iter_batches prefetch_batches (Ray's default 1; --loop iter only)")
+    p.add_argument("--loop", default="iter", choices=["iter", "stream"],
+                   help="iter: iter_batches with this bench's knobs (--prefetch, --batch-format, --no-local-shuffle); "
+                        "stream: the trainer's recsys.stream.Stream, row hashes included")
     p.add_argument("--tokenizer-threads", type=int, default=0,
                    help="> 0: TOKENIZERS_PARALLELISM=true and RAYON_NUM_THREADS=N in the Ray processes (default: off, as training)")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local cluster (ensure_ray's default on 2 cores: 4)")
@@ -474,7 +489,7 @@ def main() -> None:
                 if step and not step_ms:
                     raise SystemExit("a +step arm needs --step-ms or a plain arm before it")
                 run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"tokenize_in": mode})})
-                bench = {"batch_format": args.batch_format, "prefetch": args.prefetch, "local_shuffle": not args.no_local_shuffle,
+                bench = {"loop": args.loop, "batch_format": args.batch_format, "prefetch": args.prefetch, "local_shuffle": not args.no_local_shuffle,
                          "step_ms": step_ms if step else 0.0, "warmup_batches": args.warmup_batches,
                          "max_rows": args.step_batches * args.batch if step else max_rows}
                 r = ray_arm(run_cfg, bench, read_args, featurize_args, tmp.name, f"arm{i}-{mode}{'-step' if step else ''}")
