@@ -337,7 +337,10 @@ def _loop(config: dict[str, Any]) -> None:
             t_warm_wall = time.time()
         if step_s:
             time.sleep(step_s)
-    t_end = time.perf_counter()
+        # The end is the last batch handled, not the StopIteration: with --loop stream that
+        # comes only after the next epoch's run has started.
+        t_last, t_last_wall = time.perf_counter(), time.time()
+    t_end = t_last if waits else time.perf_counter()
     skip = bench["warmup_batches"]
     steady = waits[skip:]
     steady_n = n - skip * t.rows_per_batch
@@ -351,7 +354,7 @@ def _loop(config: dict[str, Any]) -> None:
         "wait_ms_median": 1000 * statistics.median(steady) if steady else None,
         "wait_ms_p90": 1000 * float(np.percentile(steady, 90)) if steady else None,
         "wait_share": (sum(steady) / steady_s) if steady else None,
-        "t_warm": t_warm_wall, "t_end": time.time(),
+        "t_warm": t_warm_wall, "t_end": t_last_wall if waits else time.time(),
     }
     Path(bench["out"]).write_text(json.dumps(out))
     ray.train.report({"rows": n})
@@ -391,7 +394,9 @@ def ray_arm(cfg: Any, bench: dict[str, Any], read_args: dict[str, Any], featuriz
             "step_ms": bench["step_ms"], "shuffle": cfg.train.shuffle, "read_args": read_args,
             "featurize_args": {k: v for k, v in featurize_args.items() if k != "compute"},
             "actors": cfg.train.tokenize_actors, "actor_cpus": cfg.train.tokenize_cpus,
-            "batch_format": bench["batch_format"], "prefetch": bench["prefetch"], "loop": bench["loop"]}
+            # Stream has its own iter_batches arguments: the bench's knobs do not apply to it.
+            "batch_format": bench["batch_format"] if bench["loop"] == "iter" else None,
+            "prefetch": bench["prefetch"] if bench["loop"] == "iter" else None, "loop": bench["loop"]}
 
 
 def main() -> None:

@@ -56,7 +56,9 @@ def embed_actor_count(cfg: Config, n_items: int) -> int:
     one per 2 logical CPUs: an actor holds 0.5 CPU and Ray sets its OMP_NUM_THREADS to 1, so a
     single actor encodes on one core however many the node has (a local cluster declares 2
     logical CPUs per core, recsys.runtime.ensure_ray). Capped at AUTO_EMBED_MAX_ACTORS and at
-    one actor per AUTO_EMBED_MIN_ITEMS items, since each actor loads the model. Ray must be up."""
+    one actor per AUTO_EMBED_MIN_ITEMS items, since each actor loads the model. It counts the
+    cluster's resources, not the free ones: a GPU cluster still scaling up (0 GPUs yet) gets 1
+    actor, which the autoscaler then places. Ray must be up."""
     if cfg.eval.embed_actors:
         return cfg.eval.embed_actors
     import ray

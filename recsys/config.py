@@ -407,7 +407,7 @@ class EvalConfig(_Section):
     filter_exact_max_kept: int = Field(10_000, ge=0)
     embed_batch_size: PositiveInt = 64
     # Ray Data actors embedding the catalog; 0 = auto (recsys.catalog_index.embed_actor_count:
-    # one per GPU, or per 2 logical CPUs, at most 8).
+    # one per GPU, or per 2 logical CPUs, at most 8 and one per 2,048 items). Each loads the model.
     embed_actors: int = Field(0, ge=0)
     max_queries: int = Field(0, ge=0)  # 0 = all
     # Search only: also re-rank each query's judged items (all of them, any gain) and report

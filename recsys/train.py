@@ -556,7 +556,7 @@ def _train_dataset(cfg: Config, read_args: dict[str, Any] | None = None,
         # of up to 128 MiB: on 1M rows that was 2 blocks of 500k, one actor of 2 sat idle and the
         # first batch came after 209 s (docs/results.md, "Training data path"). Blocks of a few
         # batches keep every actor busy and the first batch seconds away; the repartition
-        # streams (no shuffle) and keeps the order.
+        # streams (no shuffle) and keeps the order under preserve_order, which training sets.
         ds = ds.repartition(target_num_rows_per_block=FEATURIZE_BLOCK_BATCHES * args["batch_size"])
         ds = ds.map_batches(Featurize, **args)
     return ds

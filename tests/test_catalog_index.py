@@ -17,7 +17,7 @@ from recsys.config import load_config
         ({"CPU": 64.0}, False, 10**6, AUTO_EMBED_MAX_ACTORS),
         ({"CPU": 64.0}, False, 3_000, 2),  # small catalogs do not start an actor per 2 CPUs
         ({"CPU": 64.0, "GPU": 4.0}, True, 10**6, 4),  # one per GPU
-        ({"CPU": 64.0}, True, 10**6, 1),  # GPU asked for, none in the cluster
+        ({"CPU": 64.0}, True, 10**6, 1),  # no GPU node yet: one actor, for the autoscaler to place
     ],
 )
 def test_auto_embed_actors_follow_the_cluster(
