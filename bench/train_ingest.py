@@ -311,7 +311,8 @@ def _loop(config: dict[str, Any]) -> None:
 
         from recsys.stream import Stream
 
-        # (A full pass ends at the first batch of epoch 1, which that epoch's start delays.)
+        # Stream runs epochs for ever: a full pass stops at epoch 1's first batch, whose wait
+        # is not timed (t_last below).
         first_epoch = itertools.takewhile(lambda eb: eb[0] == 0, Stream(shard, t.rows_per_batch, t.seed, 0, too_small="no full batch"))
         stream = (b for _, b in first_epoch)
     else:
