@@ -444,9 +444,11 @@ def test_a_resume_with_another_layout_names_the_setting_that_keeps_the_global_ba
 
 def test_the_featurize_pool_gets_blocks_of_a_few_batches(prepared, monkeypatch) -> None:
     """tokenize_in=pipeline: however the read packs the example files into blocks (Ray 2.60 reads
-    small files in one task), each Featurize task gets at most FEATURIZE_BLOCK_BATCHES batches,
-    so no actor idles behind another's whole-file block and the first batch is not a file away.
-    Every example still arrives once, in order."""
+    small files in one task), the blocks out of the Featurize pool hold at most
+    FEATURIZE_BLOCK_BATCHES batches, so no actor idles behind another's whole-file block and the
+    first batch is not a file away. (Ray may still bundle small blocks up to its 1 MiB minimum
+    into one task; what this checks is the block size.) Every example still arrives once, in
+    order."""
     from ray.data import DataContext
 
     from recsys.items import ItemTable
