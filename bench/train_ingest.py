@@ -227,7 +227,7 @@ def plain(cfg: Any, batch: int, max_rows: int, warmup: int) -> dict[str, Any]:
     """pyarrow.dataset -> numpy batches of `batch` rows -> recsys.features.collate, one process."""
     import pyarrow.dataset as pads
 
-    from recsys.features import collate, hard_negatives_for
+    from recsys.features import BatchTokens, collate, hard_negatives_for
     from recsys.items import ItemTable
     from recsys.model import load_tokenizer
 
@@ -236,6 +236,7 @@ def plain(cfg: Any, batch: int, max_rows: int, warmup: int) -> dict[str, Any]:
     items = ItemTable.load(cfg)
     tokenizer = load_tokenizer(cfg.model)
     negatives = hard_negatives_for(items, cfg)
+    caches = BatchTokens(items, tokenizer, cfg.model)  # the token-id caches the trainer keeps across batches
     t_setup = time.perf_counter() - t0
     cols = ["kind", "user_id", "query", "history", "item_id", "weight"]
     dataset = pads.dataset(_files(cfg), format="parquet")
@@ -253,7 +254,7 @@ def plain(cfg: Any, batch: int, max_rows: int, warmup: int) -> dict[str, Any]:
             have -= batch
             np_batch = {c: head.column(c).to_numpy(zero_copy_only=False) for c in cols}
             c0 = time.perf_counter()
-            t = collate(np_batch, items, tokenizer, cfg, negatives)
+            t = collate(np_batch, items, tokenizer, cfg, negatives, caches)
             collate_s += time.perf_counter() - c0
             tokens.append(t["q_ids"].numel() + t["d_ids"].numel() + (t["h_ids"].numel() if "h_ids" in t else 0))
             n += batch
@@ -289,7 +290,7 @@ def _loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from recsys.config import config_from_dict
-    from recsys.features import collate, hard_negatives_for, to_tensors
+    from recsys.features import BatchTokens, collate, hard_negatives_for, to_tensors
     from recsys.items import ItemTable
     from recsys.model import load_tokenizer
 
@@ -299,13 +300,14 @@ def _loop(config: dict[str, Any]) -> None:
     items = ItemTable.load(cfg)
     negatives = hard_negatives_for(items, cfg)
     tokenizer = load_tokenizer(cfg.model)
+    caches = BatchTokens(items, tokenizer, cfg.model)  # as recsys.train's worker keeps them
     pad_id = tokenizer.pad_token_id or 0
     step_s = bench["step_ms"] / 1000
     waits: list[float] = []
     n = 0
     shard = ray.train.get_dataset_shard("train")
     if bench["loop"] == "stream":
-        # The trainer's own iterator (recsys.stream.Stream: Ray's default prefetch, the local
+        # The trainer's own iterator (recsys.stream.Stream: --prefetch, default Ray's 1, the local
         # shuffle buffer, re-batching, and the row hashes a resume walks past), one epoch.
         import itertools
 
@@ -313,7 +315,8 @@ def _loop(config: dict[str, Any]) -> None:
 
         # Stream runs epochs for ever: a full pass stops at epoch 1's first batch, whose wait
         # is not timed (t_last below).
-        first_epoch = itertools.takewhile(lambda eb: eb[0] == 0, Stream(shard, t.rows_per_batch, t.seed, 0, too_small="no full batch"))
+        first_epoch = itertools.takewhile(lambda eb: eb[0] == 0, Stream(shard, t.rows_per_batch, t.seed, 0, too_small="no full batch",
+                                                                             prefetch_batches=bench["prefetch"]))
         stream = (b for _, b in first_epoch)
     else:
         stream = iter(_iter(shard, t, bench))
@@ -329,7 +332,7 @@ def _loop(config: dict[str, Any]) -> None:
         if bench["loop"] == "iter" and bench["batch_format"] == "pyarrow":
             batch = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in batch.column_names}
         tensors = (to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline"
-                   else collate(batch, items, tokenizer, cfg, negatives))
+                   else collate(batch, items, tokenizer, cfg, negatives, caches))
         waits.append(time.perf_counter() - t_fetch)
         if t_first is None:
             t_first = time.perf_counter()
@@ -397,7 +400,7 @@ def ray_arm(cfg: Any, bench: dict[str, Any], read_args: dict[str, Any], featuriz
             "actors": cfg.train.tokenize_actors, "actor_cpus": cfg.train.tokenize_cpus,
             # Stream has its own iter_batches arguments: the bench's knobs do not apply to it.
             "batch_format": bench["batch_format"] if bench["loop"] == "iter" else None,
-            "prefetch": bench["prefetch"] if bench["loop"] == "iter" else None, "loop": bench["loop"]}
+            "prefetch": bench["prefetch"], "loop": bench["loop"]}
 
 
 def main() -> None:
@@ -423,7 +426,7 @@ def main() -> None:
     p.add_argument("--read-blocks", type=int, default=0, help="read_parquet override_num_blocks (0 = Ray's choice)")
     p.add_argument("--read-cpus", type=float, default=0.0, help="read tasks' num_cpus (0 = Ray's default 1)")
     p.add_argument("--batch-format", default="numpy", choices=["numpy", "pyarrow"])
-    p.add_argument("--prefetch", type=int, default=1, help="iter_batches prefetch_batches (Ray's default 1; --loop iter only)")
+    p.add_argument("--prefetch", type=int, default=1, help="iter_batches prefetch_batches (Ray's default 1; with --loop stream, Stream's)")
     p.add_argument("--loop", default="iter", choices=["iter", "stream"],
                    help="iter: iter_batches with this bench's knobs (--prefetch, --batch-format, --no-local-shuffle); "
                         "stream: the trainer's recsys.stream.Stream, row hashes included")

@@ -474,11 +474,18 @@ def render_user_text(
     Newest-first ordering plus truncation from the end means the latest events always fit in
     the token budget, so a profile updated in real time immediately changes the embedding.
     """
+    return HISTORY_SEP.join(user_text_parts(query, history_texts, max_items, max_chars_per_item))
+
+
+def user_text_parts(query: str | None, history_texts: Sequence[str], max_items: int,
+                    max_chars_per_item: int = 200) -> list[str]:
+    """What `render_user_text` joins with HISTORY_SEP, in order (training composes cached token
+    ids of these parts, recsys.features.QueryTokens)."""
     parts = []
     if query:
         parts.append(query.strip())
     parts.extend(t[:max_chars_per_item] for t in list(history_texts)[:max_items])
-    return HISTORY_SEP.join(parts) if parts else ""
+    return parts
 
 
 def _load_projection(tower: Path, dim: int) -> torch.Tensor:

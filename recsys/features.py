@@ -9,6 +9,8 @@ a Ray Data actor pool (`Featurize`, train.tokenize_in=pipeline); the two give th
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,15 +18,137 @@ import numpy as np
 import torch
 
 from recsys.config import Config, ModelConfig, config_from_dict
-from recsys.encoder import render_user_text
+from recsys.encoder import HISTORY_SEP, user_text_parts
 from recsys.items import ItemTable
 from recsys.losses import item_key
 from recsys.negatives import HardNegatives
+
+log = logging.getLogger(__name__)
 
 
 def item_token_ids(texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> list[list[int]]:
     """Item texts as the item tower reads them: `item_prefix + text`, to `max_item_tokens`."""
     return tokenizer([mcfg.item_prefix + t for t in texts], truncation=True, max_length=mcfg.max_item_tokens)["input_ids"]
+
+
+class ItemTokens:
+    """The catalog's item token ids (`item_token_ids`) by item row, each row tokenised the first
+    time it is asked for and kept, up to `max_tokens` token ids in all (int32, ~4 bytes each;
+    rows past the budget are tokenised again each time). A shop's logs repeat their popular
+    items: re-tokenising the positive's text for every example was ~22% of featurising a
+    training batch (bench.train_ingest's data)."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig, max_tokens: int = 50_000_000) -> None:
+        self.texts, self.tokenizer, self.mcfg, self.max_tokens = texts, tokenizer, mcfg, max_tokens
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+        self.padding_side = tokenizer.padding_side
+        self._ids: dict[int, np.ndarray] = {}
+        self._kept = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def ids_for(self, rows: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """Token ids of each row of `rows`, in order (repeats allowed).  # len(rows) x (tokens,) int32"""
+        rows = [int(r) for r in rows]
+        new = list(dict.fromkeys(r for r in rows if r not in self._ids))
+        fresh = dict(zip(new, item_token_ids([self.texts[r] for r in new], self.tokenizer, self.mcfg), strict=True)) if new else {}
+        for r, ids in fresh.items():
+            if self._kept + len(ids) <= self.max_tokens:
+                self._ids[r] = np.asarray(ids, dtype=np.int32)
+                self._kept += len(ids)
+        return [self._ids[r] if r in self._ids else np.asarray(fresh[r], dtype=np.int32) for r in rows]
+
+    def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(rows), longest) token ids and attention mask."""
+        return pad_tokens(self.ids_for(rows), self.pad_id, self.padding_side)
+
+
+# Pre-tokenizers that split on whitespace (and, for BERT's, punctuation) before the model sees
+# a word: a piece that ends at HISTORY_SEP tokenises the same alone as inside the whole text.
+_WORD_SPLITTING = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+
+
+class QueryTokens:
+    """Query-tower token ids of rendered user texts (`query_prefix` + the parts of
+    `recsys.encoder.user_text_parts` joined by HISTORY_SEP, truncated to `max_query_tokens`).
+
+    Where the tokenizer splits words before modelling them (BERT's WordPiece and the like), the
+    ids are composed from each part's ids, tokenised once and kept (`max_tokens` in all): a
+    history is mostly items other histories hold too, and tokenising whole histories was ~90% of
+    featurising a batch (bench.train_ingest). The first `check_rows` rows are also tokenised
+    whole and compared; one difference, or another kind of tokenizer, and every text is
+    tokenised whole."""
+
+    def __init__(self, tokenizer: Any, mcfg: ModelConfig, max_tokens: int = 50_000_000, check_rows: int = 512,
+                 compose: bool = True) -> None:
+        self.tokenizer, self.mcfg, self.max_tokens, self.check_left = tokenizer, mcfg, max_tokens, check_rows
+        self._ids: dict[str, np.ndarray] = {}
+        self._kept = 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.compose = compose and type(getattr(backend, "pre_tokenizer", None)).__name__ in _WORD_SPLITTING
+        if self.compose:
+            self.sep = self._plain([HISTORY_SEP])[0]
+            # Where the tokenizer's special tokens go around a text's ids ([CLS] ... [SEP]).
+            whole, plain = tokenizer(["a"])["input_ids"][0], self._plain(["a"])[0].tolist()
+            at = next((i for i in range(len(whole)) if whole[i:i + len(plain)] == plain), None)
+            if at is None:
+                self.compose = False
+            else:
+                self.head, self.tail = whole[:at], whole[at + len(plain):]
+
+    def _plain(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [np.asarray(i, dtype=np.int32) for i in ids]
+
+    def _whole(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.mcfg.max_query_tokens)["input_ids"] if texts else []
+
+    def ids_for(self, parts: list[list[str]]) -> list[Any]:
+        """Token ids of each row's rendered text, from its parts.  # len(parts) x (tokens,)"""
+        prefix = self.mcfg.query_prefix
+        if not self.compose:
+            return self._whole([prefix + HISTORY_SEP.join(p) for p in parts])
+        # The prefix joins the first part: it need not end where a word does.
+        pieces = [[prefix + p[0], *p[1:]] if p else [prefix] for p in parts]
+        new = list(dict.fromkeys(x for row in pieces for x in row if x not in self._ids))
+        fresh = dict(zip(new, self._plain(new), strict=True))
+        for text, ids in fresh.items():
+            if self._kept + len(ids) <= self.max_tokens:
+                self._ids[text] = ids
+                self._kept += len(ids)
+        room = self.mcfg.max_query_tokens - len(self.head) - len(self.tail)
+        out = []
+        for row in pieces:
+            body = [self._ids[x] if x in self._ids else fresh[x] for x in row]
+            joined = np.concatenate([a for x in body[:-1] for a in (x, self.sep)] + body[-1:])
+            out.append(np.concatenate([self.head, joined[:max(room, 0)], self.tail]).astype(np.int32))
+        if self.check_left > 0 and not self._check(parts[: self.check_left], out):
+            return self._whole([prefix + HISTORY_SEP.join(p) for p in parts])
+        return out
+
+    def _check(self, parts: list[list[str]], got: list[np.ndarray]) -> bool:
+        """Whether the composed ids of `parts` equal tokenising their texts whole; on the first
+        difference, composing stops for good."""
+        self.check_left -= len(parts)
+        texts = [self.mcfg.query_prefix + HISTORY_SEP.join(p) for p in parts]
+        for text, want, have in zip(texts, self._whole(texts), got, strict=True):
+            if list(want) != have.tolist():
+                log.warning("query token ids composed from cached parts differ from tokenising %r whole "
+                            "(%s... vs %s...): tokenising every query whole from now on", text[:80], list(want)[:12],
+                            have.tolist()[:12])
+                self.compose, self.check_left = False, 0
+                return False
+        return True
+
+
+class BatchTokens:
+    """The token-id caches one featurising process keeps across its batches: items' (for the
+    item tower) and user texts' parts (for the query tower)."""
+
+    def __init__(self, items: ItemTable, tokenizer: Any, mcfg: ModelConfig, compose_queries: bool = True) -> None:
+        self.items = ItemTokens(items.texts, tokenizer, mcfg)
+        self.queries = QueryTokens(tokenizer, mcfg, compose=compose_queries)
 
 
 def hard_negatives_for(items: ItemTable, cfg: Config) -> HardNegatives | None:
@@ -49,12 +173,16 @@ def _group_key(batch: dict[str, Any], i: int) -> int:
 
 def features(
     batch: dict[str, Any], items: ItemTable, tokenizer: Any, cfg: Config, negatives: HardNegatives | None = None,
+    tokens: BatchTokens | None = None,
 ) -> dict[str, Any]:
     """Examples -> unpadded token ids and loss inputs (runs in the train worker or in Ray Data).
 
-    Token ids stay ragged (one list per row): padding to the batch's longest row happens in
-    `to_tensors`, after Ray Data may have re-batched rows from different blocks."""
+    Token ids stay ragged (one int32 array, or list, per row): padding to the batch's longest row happens in
+    `to_tensors`, after Ray Data may have re-batched rows from different blocks. `tokens`: the
+    caller's token-id caches, kept across batches (None: tokenise this batch's texts whole)."""
     m = cfg.model
+    # Without the caller's caches nothing is reused: every query is tokenised whole, unchecked.
+    tokens = tokens if tokens is not None else BatchTokens(items, tokenizer, m, compose_queries=False)
     pos = items.rows(list(batch["item_id"]), "training example")
     # Rows of one user (next-item) or one query (search) share a group: their positives are
     # accidental hits for each other, never negatives.
@@ -63,15 +191,12 @@ def features(
     for query, history in zip(batch["query"], batch["history"], strict=True):
         hist = [h for h in (list(history) if history is not None else []) if h in items.index]
         rows = [items.index[h] for h in hist]
-        queries.append(m.query_prefix + render_user_text(query, [items.texts[r] for r in rows], m.user_history_items))
+        queries.append(user_text_parts(query, [items.texts[r] for r in rows], m.user_history_items))
         hist_keys.append(items.keys[rows] if rows else np.zeros(0, dtype=np.int64))
         hist_rows.append(np.asarray(rows, dtype=np.int64))
-    q = tokenizer(queries, truncation=True, max_length=m.max_query_tokens)["input_ids"]
+    q = tokens.queries.ids_for(queries)
 
-    def item_tokens(rows: Any) -> list[list[int]]:  # positives and hard negatives read alike
-        return item_token_ids([items.texts[r] for r in rows], tokenizer, m)
-
-    d = item_tokens(pos)
+    d = tokens.items.ids_for(pos)
     extra: dict[str, Any] = {}
     n_hard = cfg.train.hard_negatives
     if n_hard > 0:
@@ -83,7 +208,7 @@ def features(
         same = [np.concatenate([hist_rows[i], pos[(groups == groups[i]) & (np.arange(len(pos)) != i)]])
                 for i in range(len(pos))]
         hard = negatives.rows(pos, same, n_hard, rng)  # (batch, n)
-        h = item_tokens(hard.reshape(-1))
+        h = tokens.items.ids_for(hard.reshape(-1))  # positives and hard negatives read alike
         extra["h_ids"] = [h[i * n_hard:(i + 1) * n_hard] for i in range(len(pos))]  # per row: n token lists
         extra["h_logq"] = items.logq[hard]  # (batch, n)
         # The loss masks them against the positives of the actual (global) training batch too.
@@ -100,24 +225,39 @@ def features(
     }
 
 
+def _layout(rows: Any, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows -> (their values end to end, where each value goes in the padded matrix:
+    a (len(rows), longest) mask, True at the filled cells, set as `side` pads)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = max(1, int(lens.max(initial=0)))
+    cols = np.arange(width)
+    filled = cols < lens[:, None] if side == "right" else cols >= (width - lens)[:, None]
+    if not lens.sum():
+        return np.zeros(0, dtype=np.int64), filled
+    # Ray Data hands over numpy arrays, the tokenizer lists: each joined at C speed.
+    if all(isinstance(r, np.ndarray) for r in rows):
+        flat = np.concatenate([r.reshape(-1) for r in rows]).astype(np.int64, copy=False)
+    else:
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lens.sum()))
+    return flat, filled
+
+
 def _pad(rows: Any, fill: int, side: str = "right") -> torch.Tensor:
-    width = max(1, max((len(r) for r in rows), default=0))
-    out = np.full((len(rows), width), fill, dtype=np.int64)
-    for i, r in enumerate(rows):
-        if len(r):
-            if side == "left":
-                out[i, width - len(r):] = r
-            else:
-                out[i, : len(r)] = r
+    flat, filled = _layout(rows, side)
+    out = np.full(filled.shape, fill, dtype=np.int64)
+    out[filled] = flat  # row-major: each row's values in order, on its side
     return torch.as_tensor(out)
 
 
 def pad_tokens(rows: Any, pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged token ids -> (ids, attention mask), both (len(rows), longest), padded on `side`
     (the tokenizer's `padding_side`: left for last-token pooling, see recsys.encoder.prepare_tokenizer)."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    return _pad(rows, pad_id, side), _pad([np.ones(len(r), dtype=np.int64) for r in rows], 0, side)
+    flat, filled = _layout(rows, side)
+    ids = np.full(filled.shape, pad_id, dtype=np.int64)
+    ids[filled] = flat
+    return torch.as_tensor(ids), torch.as_tensor(filled.astype(np.int64))
 
 
 def to_tensors(f: dict[str, Any], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
@@ -147,9 +287,11 @@ def to_tensors(f: dict[str, Any], pad_id: int, padding_side: str = "right") -> d
 
 def collate(
     batch: dict[str, np.ndarray], items: ItemTable, tokenizer: Any, cfg: Config, negatives: HardNegatives | None = None,
+    tokens: BatchTokens | None = None,
 ) -> dict[str, torch.Tensor]:
     """A numpy batch of examples -> tensors (tokenising in the train worker)."""
-    return to_tensors(features(batch, items, tokenizer, cfg, negatives), tokenizer.pad_token_id or 0, tokenizer.padding_side)
+    f = features(batch, items, tokenizer, cfg, negatives, tokens)
+    return to_tensors(f, tokenizer.pad_token_id or 0, tokenizer.padding_side)
 
 
 class Featurize:
@@ -162,11 +304,12 @@ class Featurize:
         self.items = ItemTable.load(self.cfg)
         self.negatives = hard_negatives_for(self.items, self.cfg)
         self.tokenizer = load_tokenizer(self.cfg.model)
+        self.tokens = BatchTokens(self.items, self.tokenizer, self.cfg.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        f = features(batch, self.items, self.tokenizer, self.cfg, self.negatives)
+        f = features(batch, self.items, self.tokenizer, self.cfg, self.negatives, self.tokens)
         ints = pa.list_(pa.int32())
         hard = {
             "h_ids": pa.array(f["h_ids"], pa.list_(ints)),

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from recsys.config import ModelConfig, SequenceConfig
-from recsys.features import item_token_ids, pad_tokens
+from recsys.config import SequenceConfig
+from recsys.features import ItemTokens
 from recsys.losses import full_softmax_loss
 from recsys.sequence import SequenceModel, SequenceTower
 
@@ -98,25 +98,13 @@ class JointStep(nn.Module):
         return self.tower(cat, cat_ids, hist)  # (batch, dim), (catalog, dim)
 
 
-class ItemTokens:
-    """Tokenised catalog texts, once: a step only pads the rows it needs."""
-
-    def __init__(self, texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> None:
-        self.ids = item_token_ids(texts, tokenizer, mcfg)  # as training's features tokenise items
-        self.pad_id = int(tokenizer.pad_token_id or 0)
-
-    def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(len(rows), longest) token ids and attention mask."""
-        return pad_tokens([self.ids[r] for r in rows], self.pad_id)
-
-
 @torch.no_grad()
 def embed_all(encoder: nn.Module, tokens: ItemTokens, batch_size: int = 128) -> torch.Tensor:
     """(catalog, text_dim) embeddings of every item by the current encoder (eval mode)."""
     was = encoder.training
     encoder.eval()
-    n = len(tokens.ids)
-    order = np.argsort([len(t) for t in tokens.ids], kind="stable")  # similar lengths pad less
+    n = len(tokens)
+    order = np.argsort([len(t) for t in tokens.ids_for(range(n))], kind="stable")  # similar lengths pad less
     out = torch.empty(0)
     for s in range(0, n, batch_size):
         rows = order[s : s + batch_size].tolist()

@@ -27,6 +27,26 @@ log = logging.getLogger(__name__)
 STATE_GLOB = "recsys_stream.rank*.npz"
 
 
+# Bumped when `row_hashes` changes what it computes: a checkpoint's consumed rows hashed
+# otherwise cannot be matched, and its resume restarts the stream at its head (with a warning).
+HASH_VERSION = 2
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise, in place on a fresh copy of `x` (uint64 arithmetic
+    wraps, as it should here)."""
+    x = np.array(x, dtype=np.uint64)
+    t = np.empty_like(x)
+    for shift, mult in ((30, _M1), (27, _M2)):
+        np.right_shift(x, np.uint64(shift), out=t)
+        np.bitwise_xor(x, t, out=x)
+        np.multiply(x, mult, out=x)
+    np.right_shift(x, np.uint64(31), out=t)
+    return np.bitwise_xor(x, t, out=x)
+
+
 def _value(v: Any) -> bytes:
     """One cell as bytes, whole (no repr truncation of long arrays, no object pointers)."""
     if isinstance(v, np.ndarray):
@@ -42,26 +62,65 @@ def _value(v: Any) -> bytes:
     return repr(v).encode()
 
 
-def _cells(col: np.ndarray) -> list[bytes]:
-    """One column's values as bytes, row by row."""
-    if col.dtype != object:
-        flat = np.ascontiguousarray(col).reshape(len(col), -1)
-        return [flat[i].tobytes() for i in range(len(col))]
-    return [_value(v) for v in col]
+def _words(a: np.ndarray) -> np.ndarray:
+    """A numeric array's values as uint64 words, one per value, exact (bit patterns, so -0.0
+    and 0.0 or two NaNs with different payloads stay apart).  # (a.size,) uint64"""
+    a = np.ascontiguousarray(a).reshape(-1)
+    if a.dtype.kind == "b":
+        return a.astype(np.uint64)
+    if a.dtype.itemsize in (1, 2, 4, 8) and a.dtype.kind in "iufMm":
+        return a.view(f"u{a.dtype.itemsize}").astype(np.uint64)
+    # Anything wider (complex, long double, fixed-width bytes/str): 8-byte chunks of each value.
+    width = -(-a.dtype.itemsize // 8) * 8
+    raw = np.zeros((a.size, width), dtype=np.uint8)
+    raw[:, : a.dtype.itemsize] = a.view(np.uint8).reshape(a.size, a.dtype.itemsize)
+    return raw.view(np.uint64).reshape(-1)
+
+
+def _seed(*parts: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest(), "little"))
+
+
+def _digest(data: Any, key: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
+
+
+def _column_hashes(name: str, col: np.ndarray) -> np.ndarray:
+    """One column's per-row hashes, keyed by its name and dtype. A cell's hash depends on that
+    cell alone, never on the rest of its batch (a resume re-batches rows).  # (rows,) uint64"""
+    if col.dtype != object:  # fixed-width cells: vectorised
+        seed = _seed(name, str(col.dtype))
+        flat = _words(col).reshape(len(col), -1)  # (rows, words per cell)
+        terms = _mix(flat ^ _mix(np.arange(flat.shape[1], dtype=np.uint64) * _GOLD))  # (rows, words per cell)
+        return _mix(terms.sum(axis=1, dtype=np.uint64) + seed)
+    keys: dict[Any, bytes] = {}
+
+    def cell(v: Any) -> int:
+        # Numeric arrays (token ids, history keys) hash straight from their buffer, keyed by dtype
+        # and shape; anything else (strings, lists of them, None) from its whole bytes.
+        if isinstance(v, np.ndarray) and v.dtype != object and v.flags.c_contiguous:
+            k = (v.dtype, v.shape[1:])
+            if k not in keys:
+                keys[k] = _seed(name, "array", str(v.dtype), str(v.shape[1:])).tobytes()
+            return _digest(v, keys[k])
+        if "cell" not in keys:
+            keys["cell"] = _seed(name, "cell").tobytes()
+        return _digest(_value(v), keys["cell"])
+
+    return np.fromiter((cell(v) for v in col), dtype=np.uint64, count=len(col))
 
 
 def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """A 64-bit content hash per row of a column batch.  # (rows,) uint64"""
+    """A 64-bit content hash per row of a column batch (equal rows, equal hashes, however the
+    batch was built), vectorised over rows for numeric and token-id columns.  # (rows,) uint64"""
     names = sorted(batch)
-    cols = [_cells(np.asarray(batch[n])) for n in names]
-    rows = len(cols[0]) if cols else 0
-    out = np.empty(rows, dtype=np.uint64)
-    for i in range(rows):
-        h = hashlib.blake2b(digest_size=8)
-        for c in cols:
-            h.update(len(c[i]).to_bytes(8, "little"))
-            h.update(c[i])
-        out[i] = int.from_bytes(h.digest(), "little")
+    if not names:
+        return np.empty(0, dtype=np.uint64)
+    out = np.zeros(len(batch[names[0]]), dtype=np.uint64)
+    for i, n in enumerate(names):
+        # Rotating by the column's place keeps two columns' hashes from cancelling out.
+        h = _column_hashes(n, np.asarray(batch[n]))
+        out = _mix(out * _GOLD + h + np.uint64(i))
     return out
 
 
@@ -76,13 +135,21 @@ def load_consumed(d: str | Path) -> tuple[int, dict[int, Counter[int]]]:
         return 0, {}
     out: dict[int, Counter[int]] = {}
     current = []
+    stale = []
     for f in files:
         with np.load(f) as z:
             current.append(int(z["current"][0]))
+            version = int(z["hash_version"][0]) if "hash_version" in z.files else 1  # 1: saved before versions
+            if version != HASH_VERSION:
+                stale.append(f"{f.name}: version {version}")
             for key in z.files:
                 if key.startswith("epoch"):
                     out.setdefault(int(key.removeprefix("epoch")), Counter()).update(z[key].tolist())
     start = min(current)
+    if stale:
+        log.warning("the checkpoint in %s hashed its consumed rows another way (%s; this code hashes as version %d): epoch %d "
+                    "restarts at its head", d, ", ".join(stale), HASH_VERSION, start)
+        return start, {}
     # An epoch every rank had left is complete: its rows need not be read again.
     return start, {e: c for e, c in out.items() if e >= start}
 
@@ -103,8 +170,9 @@ class Stream:
     also carries the consumed rows it was handed, so the ranks' files sum to the run's."""
 
     def __init__(self, shard: Any, batch_size: int, seed: int, rank: int, too_small: str,
-                 resume: tuple[int, dict[int, Counter[int]]] = (0, {}), owner: bool = False) -> None:
+                 resume: tuple[int, dict[int, Counter[int]]] = (0, {}), owner: bool = False, prefetch_batches: int = 1) -> None:
         self.shard, self.batch_size, self.seed, self.rank, self.too_small = shard, batch_size, seed, rank, too_small
+        self.prefetch_batches = prefetch_batches
         self.epoch, consumed = resume
         self.skip = {e: Counter(c) for e, c in consumed.items()}
         self.carried = {e: np.fromiter(c.elements(), dtype=np.uint64) for e, c in consumed.items()} if owner else {}
@@ -135,6 +203,7 @@ class Stream:
             for batch in self.shard.iter_batches(
                 batch_size=self.batch_size, batch_format="numpy", drop_last=True,
                 local_shuffle_buffer_size=max(4 * self.batch_size, 256), local_shuffle_seed=self.seed + self.epoch,
+                prefetch_batches=self.prefetch_batches,
             ):
                 got = True
                 batch = {**batch, _HASH: row_hashes(batch)}
@@ -169,7 +238,8 @@ class Stream:
 
     def save(self, d: str | Path) -> None:
         """This rank's consumed-row hashes (and the carried ones) into checkpoint folder `d`."""
-        arrays: dict[str, np.ndarray] = {"current": np.array([self.epoch], dtype=np.int64)}
+        arrays: dict[str, np.ndarray] = {"current": np.array([self.epoch], dtype=np.int64),
+                                         "hash_version": np.array([HASH_VERSION], dtype=np.int64)}
         for e in sorted(set(self.mine) | set(self.carried)):
             parts = self.mine.get(e, []) + ([self.carried[e]] if e in self.carried else [])
             arrays[f"epoch{e}"] = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)

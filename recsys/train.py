@@ -30,7 +30,7 @@ from torch import nn
 
 from recsys import memory_plan, paths, storage
 from recsys.config import Config, config_from_dict, redacted, to_dict, to_yaml
-from recsys.features import Featurize, collate, hard_negatives_for, to_tensors
+from recsys.features import BatchTokens, Featurize, collate, hard_negatives_for, to_tensors
 from recsys.items import ItemTable
 from recsys.losses import SampledSoftmaxLoss
 from recsys.runtime import checkpoint_upload, ensure_ray, fit_trainer, print_progress
@@ -431,6 +431,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     negatives = hard_negatives_for(items, cfg)
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id or 0
+    tokens = BatchTokens(items, tokenizer, cfg.model)  # train.tokenize_in=worker's caches, across batches
     universal = resume_layout(STATE_FILE, world, t.rows_per_batch, t.grad_accum, t.zero_stage, rank,
                               "train.contrastive_batch" if t.contrastive_batch else "train.batch_size")
     module, engine = _engine(cfg, load_universal=universal)
@@ -454,7 +455,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # The first batch after a resume's skip: examples/s and data wait exclude the skip.
             meter.restart()
             t_fetch = time.perf_counter()
-        tensors = to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives)
+        tensors = to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives, tokens)
         b = {k: v.to(engine.device) for k, v in tensors.items()}
         meter.add(tensors, time.perf_counter() - t_fetch)
 

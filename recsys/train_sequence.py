@@ -336,8 +336,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       on_epoch=on_epoch, id_of=data["id_of"], exclude_history=cfg.eval.exclude_history)
     if not scfg.joint_steps:
         return
+    from recsys.features import ItemTokens
     from recsys.model import build_two_tower, load_tokenizer
-    from recsys.sequence_joint import ItemTokens, fit_joint
+    from recsys.sequence_joint import fit_joint
 
     encoder = build_two_tower(cfg.model)
     encoder.load_state_dict(ray.get(data["encoder"][0]))

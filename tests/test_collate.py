@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from recsys.config import Config
-from recsys.features import Featurize, collate, features, hard_negatives_for, to_tensors
+from recsys.features import (
+    BatchTokens,
+    Featurize,
+    ItemTokens,
+    collate,
+    features,
+    hard_negatives_for,
+    pad_tokens,
+    to_tensors,
+)
 from recsys.items import ItemTable
 from recsys.model import load_tokenizer
 from recsys.negatives import HardNegatives
@@ -90,8 +99,8 @@ def test_hard_negatives_skip_the_other_positives_of_the_rows_query(tiny_model: s
         cfg.train.seed = seed
         f = features(batch, items, tok, cfg, hard_negatives_for(items, cfg))
         b_text = tok([items.texts[1]], truncation=True, max_length=cfg.model.max_item_tokens)["input_ids"][0]
-        assert f["h_ids"][0] == [b_text], seed  # row 0 (A): only B is left
-        assert f["h_ids"][1] == [b_text], seed  # row 1 (C): A is the other positive, B is left
+        assert [h.tolist() for h in f["h_ids"][0]] == [b_text], seed  # row 0 (A): only B is left
+        assert [h.tolist() for h in f["h_ids"][1]] == [b_text], seed  # row 1 (C): A is the other positive, B is left
 
 
 def test_pipeline_features_round_trip_to_the_same_tensors(tiny_model: str) -> None:
@@ -102,6 +111,7 @@ def test_pipeline_features_round_trip_to_the_same_tensors(tiny_model: str) -> No
     items = _items()
     actor = Featurize.__new__(Featurize)  # its __init__ only loads these from storage
     actor.cfg, actor.items, actor.negatives, actor.tokenizer = cfg, items, None, tok
+    actor.tokens = BatchTokens(items, tok, cfg.model)
     table = actor(_batch())
     as_numpy = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     got = to_tensors(as_numpy, tok.pad_token_id)
@@ -167,6 +177,7 @@ def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: st
     assert b["h_ids"].shape[0] == 4 and b["h_mask"].shape == b["h_ids"].shape
     actor = Featurize.__new__(Featurize)
     actor.cfg, actor.items, actor.negatives, actor.tokenizer = cfg, items, miner, tok
+    actor.tokens = BatchTokens(items, tok, cfg.model)
     table = actor(batch)
     got = to_tensors({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, tok.pad_token_id)
     assert torch.equal(got["h_ids"], b["h_ids"]) and torch.equal(got["h_mask"], b["h_mask"])
@@ -186,3 +197,93 @@ def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: st
     assert with_hard.item() > without.item() + 0.05
     with_hard.backward()
     assert all(p.grad is not None for p in step.towers.parameters() if p.requires_grad)
+
+
+def test_item_tokens_are_the_tokenizers_whether_kept_or_past_the_budget(tiny_model: str) -> None:
+    """The cache gives what tokenising each text gives, in the asked order with repeats, and stops
+    keeping rows once its token budget is spent (those are tokenised again each time)."""
+    cfg = Config()
+    cfg.model.name_or_path = tiny_model
+    cfg.model.max_item_tokens = 8
+    tok, items = load_tokenizer(cfg.model), _items()
+    want = tok([items.texts[r] for r in range(3)], truncation=True, max_length=8)["input_ids"]
+    budget = len(want[2]) + len(want[0])
+    cache = ItemTokens(items.texts, tok, cfg.model, max_tokens=budget)
+    rows = [2, 0, 2, 1, 0]
+    for _ in range(2):
+        got = cache.ids_for(rows)
+        assert [g.tolist() for g in got] == [want[r] for r in rows]
+        assert all(g.dtype == np.int32 for g in got)
+        assert sorted(cache._ids) == [0, 2]  # row 1 did not fit the budget
+    assert [g.tolist() for g in cache.ids_for([])] == []
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_tokens_places_every_value_on_its_side(side: str) -> None:
+    """Lists (the tokenizer's) and int32 arrays (Ray Data's, the cache's) pad alike."""
+    rows = [[5, 6, 7], [], [8], [9, 10]]
+    want_ids = [[5, 6, 7], [0, 0, 0], [8, 0, 0], [9, 10, 0]] if side == "right" else [[5, 6, 7], [0, 0, 0], [0, 0, 8], [0, 9, 10]]
+    for given in (rows, [np.asarray(r, dtype=np.int32) for r in rows]):
+        ids, mask = pad_tokens(given, 0, side)
+        assert ids.dtype == torch.int64 and ids.tolist() == want_ids
+        assert mask.tolist() == [[int(v != 0) for v in r] for r in want_ids]
+    ids, mask = pad_tokens([[], []], 3, side)
+    assert ids.tolist() == [[3], [3]] and mask.tolist() == [[0], [0]]
+    with pytest.raises(ValueError, match="padding side"):
+        pad_tokens(rows, 0, "middle")
+
+
+def _random_parts(rng: np.random.Generator, rows: int) -> list[list[str]]:
+    words = ["Shoe", "naïve", "CAFÉ", "跑步鞋", "红色", "日本語のテキスト", "한국어", "don't", "U.S.A.", "3.5mm", "—",
+             "emoji😀", "x" * 40, "Ｆｕｌｌ", "\t", "  ", "[SEP]", "a,b", "e\u0301"]
+    return [[" ".join(rng.choice(words, int(rng.integers(0, 15)))) for _ in range(int(rng.integers(0, 6)))]
+            for _ in range(rows)]
+
+
+def test_query_tokens_composed_from_parts_equal_tokenising_the_text_whole() -> None:
+    """WordPiece (the bundled MiniLM's): ids composed from cached parts are the tokenizer's own
+    for the joined text, truncation included, on text in several scripts, with accents,
+    punctuation, whitespace-only and empty parts, and HISTORY_SEP's own token inside a part."""
+    from recsys.config import ModelConfig
+    from recsys.encoder import HISTORY_SEP
+    from recsys.features import QueryTokens
+
+    m = ModelConfig(name_or_path="bundled", max_query_tokens=48, query_prefix="query: ")
+    tok = load_tokenizer(m)
+    parts = _random_parts(np.random.default_rng(0), 1500)
+    want = tok([m.query_prefix + HISTORY_SEP.join(p) for p in parts], truncation=True, max_length=48)["input_ids"]
+    q = QueryTokens(tok, m, check_rows=0)  # no self-check: the composition alone is under test
+    assert q.compose
+    for _ in range(2):  # cold, then from the cache
+        got = q.ids_for(parts)
+        assert [g.tolist() for g in got] == want
+    assert any(len(w) == 48 for w in want) and any(len(w) < 48 for w in want)
+
+
+def test_query_tokens_tokenise_whole_where_composing_is_not_known_to_hold(caplog) -> None:
+    """A tokenizer that does not split words first (a sentencepiece-style Metaspace here) is not
+    composed; and where the self-check finds a composed row that differs, that batch and every
+    later one are tokenised whole."""
+    from tokenizers import pre_tokenizers
+
+    from recsys.config import ModelConfig
+    from recsys.encoder import HISTORY_SEP
+    from recsys.features import QueryTokens
+
+    m = ModelConfig(name_or_path="bundled", max_query_tokens=32)
+    parts = _random_parts(np.random.default_rng(1), 200)
+    texts = [HISTORY_SEP.join(p) for p in parts]
+    tok = load_tokenizer(m)
+    want = tok(texts, truncation=True, max_length=32)["input_ids"]
+    broken = QueryTokens(tok, m, check_rows=8)
+    broken.sep = np.array([7], dtype=np.int32)  # a wrong separator id: composed rows with 2+ parts differ
+    with caplog.at_level("WARNING"):
+        assert [list(g) for g in broken.ids_for(parts)] == want
+    assert not broken.compose and "differ from tokenising" in caplog.text
+    assert [list(g) for g in broken.ids_for(parts)] == want
+
+    other = load_tokenizer(m)
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    q = QueryTokens(other, m)
+    assert not q.compose
+    assert [list(g) for g in q.ids_for(parts)] == other(texts, truncation=True, max_length=32)["input_ids"]

@@ -266,9 +266,10 @@ def test_the_joint_stage_fine_tunes_the_encoder_and_keeps_the_frozen_result_unle
     """End to end in process: the encoder's weights move, every validation is logged, and only a
     validation above the baseline replaces the frozen stage's model."""
     from recsys.config import ModelConfig, SequenceConfig
+    from recsys.features import ItemTokens
     from recsys.model import build_two_tower, load_tokenizer
     from recsys.sequence import SequenceModel
-    from recsys.sequence_joint import ItemTokens, embed_all, fit_joint
+    from recsys.sequence_joint import embed_all, fit_joint
 
     train, _ = _rule_data(n_items=12, rows=64)
     valid, _ = _rule_data(n_items=12, rows=16, seed=1)
@@ -337,8 +338,9 @@ def test_a_joint_step_reads_the_cache_forward_and_trains_the_encoder_backward(ti
     the fresh values in it, the Amazon joint run's validation fell from 0.0684 to 0.0388 while its
     training loss fell), and the gradient must still reach the encoder."""
     from recsys.config import ModelConfig
+    from recsys.features import ItemTokens
     from recsys.model import build_two_tower, load_tokenizer
-    from recsys.sequence_joint import ItemTokens, JointStep, embed_all
+    from recsys.sequence_joint import JointStep, embed_all
 
     mcfg = ModelConfig(name_or_path=tiny_model, max_item_tokens=16)
     tokens = ItemTokens([f"item {k}" for k in range(6)], load_tokenizer(mcfg), mcfg)

@@ -145,3 +145,40 @@ def test_equal_rows_built_apart_hash_equal() -> None:
 
     assert row_hashes(batch(["a", "bb"]))[0] == row_hashes(batch(["a", "".join(["b", "b"])]))[0]
     assert row_hashes(batch(["a", "bb"]))[0] != row_hashes(batch(["ab", "b"]))[0]
+
+
+def test_a_rows_hash_is_its_own_not_its_batch_mates() -> None:
+    """A resume re-batches rows: a row must hash the same in any batch, whatever the other rows
+    hold (an empty float cell, a string cell, another length), and in any order."""
+    rng = np.random.default_rng(0)
+    ids = np.empty(6, dtype=object)
+    for i in range(6):
+        ids[i] = rng.integers(0, 30_000, int(rng.integers(1, 40))).astype(np.int32)
+    batch = {"q_ids": ids, "w": rng.random(6).astype(np.float32), "k": rng.integers(0, 2**62, 6)}
+    h = row_hashes(batch)
+    assert len(set(h.tolist())) == 6
+    perm = rng.permutation(6)
+    assert (row_hashes({k: v[perm] for k, v in batch.items()}) == h[perm]).all()
+    assert (row_hashes({k: v[2:4] for k, v in batch.items()}) == h[2:4]).all()
+    odd = ids.copy()
+    odd[0], odd[1] = np.zeros(0, dtype=np.float64), "a string"
+    assert (row_hashes({**batch, "q_ids": odd})[2:] == h[2:]).all()
+    # Order within a cell, the column a value is in, and the dtype all count.
+    def one(cell: np.ndarray) -> int:
+        col = np.empty(1, dtype=object)
+        col[0] = cell
+        return int(row_hashes({"a": col})[0])
+
+    assert one(np.array([1, 2], dtype=np.int32)) != one(np.array([2, 1], dtype=np.int32))
+    assert one(np.array([1], dtype=np.int32)) != one(np.array([1], dtype=np.int64))
+    assert row_hashes({"a": np.array([1]), "b": np.array([2])})[0] != row_hashes({"a": np.array([2]), "b": np.array([1])})[0]
+    assert row_hashes({"a": np.array([1], dtype=np.int64)})[0] != row_hashes({"a": np.array([1], dtype=np.int32)})[0]
+
+
+def test_a_checkpoint_hashed_another_way_restarts_its_epoch(tmp_path, caplog) -> None:
+    """Consumed rows saved by another hash version cannot be matched: the epoch is kept and read
+    from its head, with a warning, rather than walking past nothing while claiming a resume."""
+    np.savez(tmp_path / "recsys_stream.rank0.npz", current=np.array([3]), epoch3=np.arange(5, dtype=np.uint64))
+    with caplog.at_level("WARNING"):
+        assert load_consumed(tmp_path) == (3, {})
+    assert "version 1" in caplog.text
