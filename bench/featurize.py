@@ -84,7 +84,7 @@ def main() -> None:
         "examples": len(table), "items": len(items),
         "whole_cpu_ms_per_example": 1000 * cpu["whole"] / rows, "cached_cpu_ms_per_example": 1000 * cpu["cached"] / rows,
         "speedup": cpu["whole"] / max(cpu["cached"], 1e-9), "composed_queries": caches.queries.compose,
-        "cached_item_rows": len(caches.items._ids), "cached_text_parts": len(caches.queries._ids),
+        "cached_item_rows": len(caches.items.kept), "cached_text_parts": len(caches.queries.kept),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_avg_1m": os.getloadavg()[0],
     }

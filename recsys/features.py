@@ -31,19 +31,38 @@ def item_token_ids(texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> l
     return tokenizer([mcfg.item_prefix + t for t in texts], truncation=True, max_length=mcfg.max_item_tokens)["input_ids"]
 
 
+# What one kept entry costs besides its ids: the numpy array object and the dict slot.
+_ENTRY_BYTES = 160
+
+
+class _Kept:
+    """Token-id arrays by key, kept while they fit `max_bytes` (ids, keys and per-entry
+    overhead counted); an entry past the budget is not kept, so its caller tokenises it again."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+        self.ids: dict[Any, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def keep(self, key: Any, ids: np.ndarray, key_bytes: int = 8) -> None:
+        cost = ids.nbytes + key_bytes + _ENTRY_BYTES
+        if self.used + cost <= self.max_bytes:
+            self.ids[key] = ids
+            self.used += cost
+
+
 class ItemTokens:
     """The catalog's item token ids (`item_token_ids`) by item row, each row tokenised the first
-    time it is asked for and kept, up to `max_tokens` token ids in all (int32, ~4 bytes each;
-    rows past the budget are tokenised again each time). A shop's logs repeat their popular
-    items: re-tokenising the positive's text for every example was ~22% of featurising a
-    training batch (bench.train_ingest's data)."""
+    time it is asked for and kept, up to `max_bytes` in all. A shop's logs repeat their popular
+    items, and each example's positive (and hard negatives) were tokenised again every time."""
 
-    def __init__(self, texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig, max_tokens: int = 50_000_000) -> None:
-        self.texts, self.tokenizer, self.mcfg, self.max_tokens = texts, tokenizer, mcfg, max_tokens
+    def __init__(self, texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig, max_bytes: int = 256 << 20) -> None:
+        self.texts, self.tokenizer, self.mcfg = texts, tokenizer, mcfg
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.padding_side = tokenizer.padding_side
-        self._ids: dict[int, np.ndarray] = {}
-        self._kept = 0
+        self.kept = _Kept(max_bytes)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -51,51 +70,67 @@ class ItemTokens:
     def ids_for(self, rows: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Token ids of each row of `rows`, in order (repeats allowed).  # len(rows) x (tokens,) int32"""
         rows = [int(r) for r in rows]
-        new = list(dict.fromkeys(r for r in rows if r not in self._ids))
-        fresh = dict(zip(new, item_token_ids([self.texts[r] for r in new], self.tokenizer, self.mcfg), strict=True)) if new else {}
+        kept = self.kept.ids
+        new = list(dict.fromkeys(r for r in rows if r not in kept))
+        fresh = {r: np.asarray(ids, dtype=np.int32)
+                 for r, ids in zip(new, item_token_ids([self.texts[r] for r in new], self.tokenizer, self.mcfg) if new else [],
+                                   strict=True)}
         for r, ids in fresh.items():
-            if self._kept + len(ids) <= self.max_tokens:
-                self._ids[r] = np.asarray(ids, dtype=np.int32)
-                self._kept += len(ids)
-        return [self._ids[r] if r in self._ids else np.asarray(fresh[r], dtype=np.int32) for r in rows]
+            self.kept.keep(r, ids)
+        return [kept[r] if r in kept else fresh[r] for r in rows]
 
     def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(len(rows), longest) token ids and attention mask."""
+        """(len(rows), longest) token ids and attention mask, padded on the tokenizer's side (as
+        training's `to_tensors` pads; left for last-token pooling)."""
         return pad_tokens(self.ids_for(rows), self.pad_id, self.padding_side)
 
 
 # Pre-tokenizers that split on whitespace (and, for BERT's, punctuation) before the model sees
-# a word: a piece that ends at HISTORY_SEP tokenises the same alone as inside the whole text.
+# a word, and normalizers that work character by character: with both, a part that ends at
+# HISTORY_SEP (whitespace on each side) tokenises the same alone as inside the whole text.
 _WORD_SPLITTING = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+_CHAR_LOCAL = {"NoneType", "BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip"}
+
+
+def _composable(tokenizer: Any) -> bool:
+    """Whether query ids may be composed from their parts' ids (see QueryTokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "truncation_side", "right") != "right":
+        return False
+    norm = backend.normalizer
+    names = [type(n).__name__ for n in norm] if type(norm).__name__ == "Sequence" else [type(norm).__name__]
+    return type(backend.pre_tokenizer).__name__ in _WORD_SPLITTING and set(names) <= _CHAR_LOCAL
 
 
 class QueryTokens:
     """Query-tower token ids of rendered user texts (`query_prefix` + the parts of
     `recsys.encoder.user_text_parts` joined by HISTORY_SEP, truncated to `max_query_tokens`).
 
-    Where the tokenizer splits words before modelling them (BERT's WordPiece and the like), the
-    ids are composed from each part's ids, tokenised once and kept (`max_tokens` in all): a
-    history is mostly items other histories hold too, and tokenising whole histories was ~90% of
-    featurising a batch (bench.train_ingest). The first `check_rows` rows are also tokenised
-    whole and compared; one difference, or another kind of tokenizer, and every text is
-    tokenised whole."""
+    Where the tokenizer splits words before modelling them and normalises character by
+    character (BERT's WordPiece and the like), and truncates on the right, the ids are composed
+    from each part's ids, tokenised once and kept (`max_bytes` in all): a history is mostly
+    items other histories hold too, and whole histories were ~90% of the Featurize pool's CPU
+    (py-spy on bench.train_ingest's data). The first `check_rows` rows are also tokenised whole
+    and compared; one difference, or another kind of tokenizer, and every text is tokenised
+    whole."""
 
-    def __init__(self, tokenizer: Any, mcfg: ModelConfig, max_tokens: int = 50_000_000, check_rows: int = 512,
+    def __init__(self, tokenizer: Any, mcfg: ModelConfig, max_bytes: int = 256 << 20, check_rows: int = 512,
                  compose: bool = True) -> None:
-        self.tokenizer, self.mcfg, self.max_tokens, self.check_left = tokenizer, mcfg, max_tokens, check_rows
-        self._ids: dict[str, np.ndarray] = {}
-        self._kept = 0
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.compose = compose and type(getattr(backend, "pre_tokenizer", None)).__name__ in _WORD_SPLITTING
+        self.tokenizer, self.mcfg, self.check_left = tokenizer, mcfg, check_rows
+        self.kept = _Kept(max_bytes)
+        self.compose = compose and _composable(tokenizer)
         if self.compose:
             self.sep = self._plain([HISTORY_SEP])[0]
             # Where the tokenizer's special tokens go around a text's ids ([CLS] ... [SEP]).
             whole, plain = tokenizer(["a"])["input_ids"][0], self._plain(["a"])[0].tolist()
             at = next((i for i in range(len(whole)) if whole[i:i + len(plain)] == plain), None)
-            if at is None:
-                self.compose = False
-            else:
-                self.head, self.tail = whole[:at], whole[at + len(plain):]
+            self.head, self.tail = (whole[:at], whole[at + len(plain):]) if at is not None else ([], [])
+            # Room for no text at all: the tokenizer's own truncation would do something else.
+            self.room = mcfg.max_query_tokens - len(self.head) - len(self.tail)
+            self.compose = at is not None and self.room > 0
+
+    def _text(self, parts: list[str]) -> str:
+        return self.mcfg.query_prefix + HISTORY_SEP.join(parts)
 
     def _plain(self, texts: list[str]) -> list[np.ndarray]:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -106,37 +141,36 @@ class QueryTokens:
 
     def ids_for(self, parts: list[list[str]]) -> list[Any]:
         """Token ids of each row's rendered text, from its parts.  # len(parts) x (tokens,)"""
-        prefix = self.mcfg.query_prefix
         if not self.compose:
-            return self._whole([prefix + HISTORY_SEP.join(p) for p in parts])
+            return self._whole([self._text(p) for p in parts])
         # The prefix joins the first part: it need not end where a word does.
+        prefix = self.mcfg.query_prefix
         pieces = [[prefix + p[0], *p[1:]] if p else [prefix] for p in parts]
-        new = list(dict.fromkeys(x for row in pieces for x in row if x not in self._ids))
+        kept = self.kept.ids
+        new = list(dict.fromkeys(x for row in pieces for x in row if x not in kept))
         fresh = dict(zip(new, self._plain(new), strict=True))
         for text, ids in fresh.items():
-            if self._kept + len(ids) <= self.max_tokens:
-                self._ids[text] = ids
-                self._kept += len(ids)
-        room = self.mcfg.max_query_tokens - len(self.head) - len(self.tail)
+            self.kept.keep(text, ids, key_bytes=49 + len(text.encode("utf-8", "surrogatepass")))
         out = []
         for row in pieces:
-            body = [self._ids[x] if x in self._ids else fresh[x] for x in row]
+            body = [kept[x] if x in kept else fresh[x] for x in row]
             joined = np.concatenate([a for x in body[:-1] for a in (x, self.sep)] + body[-1:])
-            out.append(np.concatenate([self.head, joined[:max(room, 0)], self.tail]).astype(np.int32))
-        if self.check_left > 0 and not self._check(parts[: self.check_left], out):
-            return self._whole([prefix + HISTORY_SEP.join(p) for p in parts])
+            out.append(np.concatenate([self.head, joined[: self.room], self.tail]).astype(np.int32))
+        n = min(self.check_left, len(parts))
+        if n > 0 and not self._check(parts[:n], out[:n]):
+            return self._whole([self._text(p) for p in parts])
         return out
 
     def _check(self, parts: list[list[str]], got: list[np.ndarray]) -> bool:
         """Whether the composed ids of `parts` equal tokenising their texts whole; on the first
         difference, composing stops for good."""
         self.check_left -= len(parts)
-        texts = [self.mcfg.query_prefix + HISTORY_SEP.join(p) for p in parts]
-        for text, want, have in zip(texts, self._whole(texts), got, strict=True):
+        for i, (want, have) in enumerate(zip(self._whole([self._text(p) for p in parts]), got, strict=True)):
             if list(want) != have.tolist():
-                log.warning("query token ids composed from cached parts differ from tokenising %r whole "
-                            "(%s... vs %s...): tokenising every query whole from now on", text[:80], list(want)[:12],
-                            have.tolist()[:12])
+                # Ids and sizes only: the text is a user's.
+                log.warning("query token ids composed from cached parts differ from tokenising the text whole (checked "
+                            "row %d: %d ids, first %s, against %d, first %s): tokenising every query whole from now on",
+                            i, len(want), list(want)[:8], len(have), have.tolist()[:8])
                 self.compose, self.check_left = False, 0
                 return False
         return True
@@ -244,20 +278,17 @@ def _layout(rows: Any, side: str) -> tuple[np.ndarray, np.ndarray]:
     return flat, filled
 
 
-def _pad(rows: Any, fill: int, side: str = "right") -> torch.Tensor:
-    flat, filled = _layout(rows, side)
-    out = np.full(filled.shape, fill, dtype=np.int64)
-    out[filled] = flat  # row-major: each row's values in order, on its side
-    return torch.as_tensor(out)
-
-
 def pad_tokens(rows: Any, pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged token ids -> (ids, attention mask), both (len(rows), longest), padded on `side`
     (the tokenizer's `padding_side`: left for last-token pooling, see recsys.encoder.prepare_tokenizer)."""
     flat, filled = _layout(rows, side)
     ids = np.full(filled.shape, pad_id, dtype=np.int64)
-    ids[filled] = flat
+    ids[filled] = flat  # row-major: each row's values in order, on its side
     return torch.as_tensor(ids), torch.as_tensor(filled.astype(np.int64))
+
+
+def _pad(rows: Any, fill: int, side: str = "right") -> torch.Tensor:
+    return pad_tokens(rows, fill, side)[0]
 
 
 def to_tensors(f: dict[str, Any], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

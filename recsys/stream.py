@@ -50,6 +50,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def _value(v: Any) -> bytes:
     """One cell as bytes, whole (no repr truncation of long arrays, no object pointers)."""
     if isinstance(v, np.ndarray):
+        if v.dtype.kind in "US":  # fixed-width strings: their width is the batch's longest, not theirs
+            return _value(v.tolist())
         if v.dtype == object:
             return b"[" + b"\x02".join(_value(x) for x in v) + b"]"
         return str(v.dtype).encode() + b"\x01" + np.ascontiguousarray(v).tobytes()
@@ -70,7 +72,7 @@ def _words(a: np.ndarray) -> np.ndarray:
         return a.astype(np.uint64)
     if a.dtype.itemsize in (1, 2, 4, 8) and a.dtype.kind in "iufMm":
         return a.view(f"u{a.dtype.itemsize}").astype(np.uint64)
-    # Anything wider (complex, long double, fixed-width bytes/str): 8-byte chunks of each value.
+    # Anything wider (complex, long double, structured): 8-byte chunks of each value.
     width = -(-a.dtype.itemsize // 8) * 8
     raw = np.zeros((a.size, width), dtype=np.uint8)
     raw[:, : a.dtype.itemsize] = a.view(np.uint8).reshape(a.size, a.dtype.itemsize)
@@ -88,6 +90,8 @@ def _digest(data: Any, key: bytes) -> int:
 def _column_hashes(name: str, col: np.ndarray) -> np.ndarray:
     """One column's per-row hashes, keyed by its name and dtype. A cell's hash depends on that
     cell alone, never on the rest of its batch (a resume re-batches rows).  # (rows,) uint64"""
+    if col.dtype.kind in "US":  # fixed-width strings: hashed as the strings, not the batch's padded width
+        col = col.astype(object)
     if col.dtype != object:  # fixed-width cells: vectorised
         seed = _seed(name, str(col.dtype))
         flat = _words(col).reshape(len(col), -1)  # (rows, words per cell)
@@ -98,11 +102,11 @@ def _column_hashes(name: str, col: np.ndarray) -> np.ndarray:
     def cell(v: Any) -> int:
         # Numeric arrays (token ids, history keys) hash straight from their buffer, keyed by dtype
         # and shape; anything else (strings, lists of them, None) from its whole bytes.
-        if isinstance(v, np.ndarray) and v.dtype != object and v.flags.c_contiguous:
+        if isinstance(v, np.ndarray) and v.dtype.kind in "biufcmM":
             k = (v.dtype, v.shape[1:])
             if k not in keys:
                 keys[k] = _seed(name, "array", str(v.dtype), str(v.shape[1:])).tobytes()
-            return _digest(v, keys[k])
+            return _digest(np.ascontiguousarray(v), keys[k])  # a strided view hashes as its copy
         if "cell" not in keys:
             keys["cell"] = _seed(name, "cell").tobytes()
         return _digest(_value(v), keys["cell"])

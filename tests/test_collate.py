@@ -201,21 +201,23 @@ def test_hard_negatives_reach_the_loss_through_both_feeding_modes(tiny_model: st
 
 def test_item_tokens_are_the_tokenizers_whether_kept_or_past_the_budget(tiny_model: str) -> None:
     """The cache gives what tokenising each text gives, in the asked order with repeats, and stops
-    keeping rows once its token budget is spent (those are tokenised again each time)."""
+    keeping rows once its byte budget is spent (those are tokenised again each time)."""
+    from recsys.features import _ENTRY_BYTES
+
     cfg = Config()
     cfg.model.name_or_path = tiny_model
     cfg.model.max_item_tokens = 8
     tok, items = load_tokenizer(cfg.model), _items()
     want = tok([items.texts[r] for r in range(3)], truncation=True, max_length=8)["input_ids"]
-    budget = len(want[2]) + len(want[0])
-    cache = ItemTokens(items.texts, tok, cfg.model, max_tokens=budget)
+    budget = sum(4 * len(want[r]) + 8 + _ENTRY_BYTES for r in (2, 0))  # rows 2 and 0, asked first, fit
+    cache = ItemTokens(items.texts, tok, cfg.model, max_bytes=budget)
     rows = [2, 0, 2, 1, 0]
     for _ in range(2):
         got = cache.ids_for(rows)
         assert [g.tolist() for g in got] == [want[r] for r in rows]
         assert all(g.dtype == np.int32 for g in got)
-        assert sorted(cache._ids) == [0, 2]  # row 1 did not fit the budget
-    assert [g.tolist() for g in cache.ids_for([])] == []
+        assert sorted(cache.kept.ids) == [0, 2] and cache.kept.used == budget  # row 1 did not fit
+    assert cache.ids_for([]) == []
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -260,10 +262,11 @@ def test_query_tokens_composed_from_parts_equal_tokenising_the_text_whole() -> N
     assert any(len(w) == 48 for w in want) and any(len(w) < 48 for w in want)
 
 
-def test_query_tokens_tokenise_whole_where_composing_is_not_known_to_hold(caplog) -> None:
-    """A tokenizer that does not split words first (a sentencepiece-style Metaspace here) is not
-    composed; and where the self-check finds a composed row that differs, that batch and every
-    later one are tokenised whole."""
+def test_query_tokens_tokenise_whole_where_composing_is_not_known_to_hold(caplog: pytest.LogCaptureFixture) -> None:
+    """A tokenizer that does not split words first (a sentencepiece-style Metaspace here), one
+    that truncates on the left, or a limit with no room past the special tokens is not composed;
+    and where the self-check finds a composed row that differs, that batch and every later one
+    are tokenised whole."""
     from tokenizers import pre_tokenizers
 
     from recsys.config import ModelConfig
@@ -282,8 +285,28 @@ def test_query_tokens_tokenise_whole_where_composing_is_not_known_to_hold(caplog
     assert not broken.compose and "differ from tokenising" in caplog.text
     assert [list(g) for g in broken.ids_for(parts)] == want
 
-    other = load_tokenizer(m)
-    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    q = QueryTokens(other, m)
-    assert not q.compose
-    assert [list(g) for g in q.ids_for(parts)] == other(texts, truncation=True, max_length=32)["input_ids"]
+    metaspace, left = load_tokenizer(m), load_tokenizer(m)
+    metaspace.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    left.truncation_side = "left"
+    for other in (metaspace, left):
+        q = QueryTokens(other, m)
+        assert not q.compose
+        assert [list(g) for g in q.ids_for(parts)] == other(texts, truncation=True, max_length=32)["input_ids"]
+    assert not QueryTokens(tok, ModelConfig(name_or_path="bundled", max_query_tokens=2)).compose  # [CLS] [SEP] only
+
+
+def test_query_tokens_check_batches_of_any_size() -> None:
+    """The self-check covers the first check_rows rows however the batches fall (larger than it,
+    or not dividing it), and composing goes on after it when they all agree."""
+    from recsys.config import ModelConfig
+    from recsys.encoder import HISTORY_SEP
+    from recsys.features import QueryTokens
+
+    m = ModelConfig(name_or_path="bundled", max_query_tokens=32)
+    tok = load_tokenizer(m)
+    parts = _random_parts(np.random.default_rng(2), 700)
+    want = tok([HISTORY_SEP.join(p) for p in parts], truncation=True, max_length=32)["input_ids"]
+    q = QueryTokens(tok, m, check_rows=100)
+    got = q.ids_for(parts[:300]) + q.ids_for(parts[300:350]) + q.ids_for(parts[350:])
+    assert q.compose and q.check_left == 0
+    assert [g.tolist() for g in got] == want

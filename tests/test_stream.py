@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,12 +171,16 @@ def test_a_rows_hash_is_its_own_not_its_batch_mates() -> None:
         return int(row_hashes({"a": col})[0])
 
     assert one(np.array([1, 2], dtype=np.int32)) != one(np.array([2, 1], dtype=np.int32))
+    assert one(np.arange(0, 12, 2)) == one(np.arange(12)[::2])  # a strided view hashes as its copy
+    # Fixed-width strings are padded to the batch's longest: hashed as the strings themselves.
+    assert row_hashes({"s": np.array(["a", "bb"])})[0] == row_hashes({"s": np.array(["a", "b" * 40])})[0]
+    assert one(np.array(["a", "b"])) == one(np.array(["a", "b"], dtype="<U9"))
     assert one(np.array([1], dtype=np.int32)) != one(np.array([1], dtype=np.int64))
     assert row_hashes({"a": np.array([1]), "b": np.array([2])})[0] != row_hashes({"a": np.array([2]), "b": np.array([1])})[0]
     assert row_hashes({"a": np.array([1], dtype=np.int64)})[0] != row_hashes({"a": np.array([1], dtype=np.int32)})[0]
 
 
-def test_a_checkpoint_hashed_another_way_restarts_its_epoch(tmp_path, caplog) -> None:
+def test_a_checkpoint_hashed_another_way_restarts_its_epoch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Consumed rows saved by another hash version cannot be matched: the epoch is kept and read
     from its head, with a warning, rather than walking past nothing while claiming a resume."""
     np.savez(tmp_path / "recsys_stream.rank0.npz", current=np.array([3]), epoch3=np.arange(5, dtype=np.uint64))
