@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,13 +31,15 @@ def item_token_ids(texts: Sequence[str], tokenizer: Any, mcfg: ModelConfig) -> l
     return tokenizer([mcfg.item_prefix + t for t in texts], truncation=True, max_length=mcfg.max_item_tokens)["input_ids"]
 
 
-# What one kept entry costs besides its ids: the numpy array object and the dict slot.
+# What one kept entry costs besides its ids and key: the numpy array object and the dict slot;
+# and a str key's object header (its text is counted on top).
 _ENTRY_BYTES = 160
+_STR_BYTES = 49
 
 
 class _Kept:
     """Token-id arrays by key, kept while they fit `max_bytes` (ids, keys and per-entry
-    overhead counted); an entry past the budget is not kept, so its caller tokenises it again."""
+    overhead counted); an entry past the budget is not kept, so it is tokenised again when asked."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.used = max_bytes, 0
@@ -46,11 +48,19 @@ class _Kept:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def keep(self, key: Any, ids: np.ndarray, key_bytes: int = 8) -> None:
-        cost = ids.nbytes + key_bytes + _ENTRY_BYTES
-        if self.used + cost <= self.max_bytes:
-            self.ids[key] = ids
-            self.used += cost
+    def get(self, keys: Sequence[Any], tokenise: Callable[[list[Any]], Sequence[Any]]) -> list[np.ndarray]:
+        """The ids of each key, in order (repeats allowed): the keys not kept are tokenised in
+        one call, `tokenise(keys)`, then kept while they fit.  # len(keys) x (tokens,) int32"""
+        kept = self.ids
+        new = list(dict.fromkeys(k for k in keys if k not in kept))
+        fresh = {k: np.asarray(ids, dtype=np.int32) for k, ids in zip(new, tokenise(new) if new else [], strict=True)}
+        for k, ids in fresh.items():
+            key_bytes = _STR_BYTES + len(k.encode("utf-8", "surrogatepass")) if isinstance(k, str) else 8
+            cost = ids.nbytes + key_bytes + _ENTRY_BYTES
+            if self.used + cost <= self.max_bytes:
+                kept[k] = ids
+                self.used += cost
+        return [kept[k] if k in kept else fresh[k] for k in keys]
 
 
 class ItemTokens:
@@ -69,15 +79,8 @@ class ItemTokens:
 
     def ids_for(self, rows: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Token ids of each row of `rows`, in order (repeats allowed).  # len(rows) x (tokens,) int32"""
-        rows = [int(r) for r in rows]
-        kept = self.kept.ids
-        new = list(dict.fromkeys(r for r in rows if r not in kept))
-        fresh = {r: np.asarray(ids, dtype=np.int32)
-                 for r, ids in zip(new, item_token_ids([self.texts[r] for r in new], self.tokenizer, self.mcfg) if new else [],
-                                   strict=True)}
-        for r, ids in fresh.items():
-            self.kept.keep(r, ids)
-        return [kept[r] if r in kept else fresh[r] for r in rows]
+        return self.kept.get([int(r) for r in rows],
+                             lambda new: item_token_ids([self.texts[r] for r in new], self.tokenizer, self.mcfg))
 
     def batch(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(rows), longest) token ids and attention mask, padded on the tokenizer's side (as
@@ -146,14 +149,10 @@ class QueryTokens:
         # The prefix joins the first part: it need not end where a word does.
         prefix = self.mcfg.query_prefix
         pieces = [[prefix + p[0], *p[1:]] if p else [prefix] for p in parts]
-        kept = self.kept.ids
-        new = list(dict.fromkeys(x for row in pieces for x in row if x not in kept))
-        fresh = dict(zip(new, self._plain(new), strict=True))
-        for text, ids in fresh.items():
-            self.kept.keep(text, ids, key_bytes=49 + len(text.encode("utf-8", "surrogatepass")))
+        ids = iter(self.kept.get([x for row in pieces for x in row], self._plain))
         out = []
         for row in pieces:
-            body = [kept[x] if x in kept else fresh[x] for x in row]
+            body = [next(ids) for _ in row]
             joined = np.concatenate([a for x in body[:-1] for a in (x, self.sep)] + body[-1:])
             out.append(np.concatenate([self.head, joined[: self.room], self.tail]).astype(np.int32))
         n = min(self.check_left, len(parts))
@@ -278,17 +277,23 @@ def _layout(rows: Any, side: str) -> tuple[np.ndarray, np.ndarray]:
     return flat, filled
 
 
+def _fill(rows: Any, fill: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """(len(rows), longest) int64 matrix of `rows` padded with `fill` on `side`, and its mask."""
+    flat, filled = _layout(rows, side)
+    out = np.full(filled.shape, fill, dtype=np.int64)
+    out[filled] = flat  # row-major: each row's values in order, on its side
+    return out, filled
+
+
 def pad_tokens(rows: Any, pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged token ids -> (ids, attention mask), both (len(rows), longest), padded on `side`
     (the tokenizer's `padding_side`: left for last-token pooling, see recsys.encoder.prepare_tokenizer)."""
-    flat, filled = _layout(rows, side)
-    ids = np.full(filled.shape, pad_id, dtype=np.int64)
-    ids[filled] = flat  # row-major: each row's values in order, on its side
+    ids, filled = _fill(rows, pad_id, side)
     return torch.as_tensor(ids), torch.as_tensor(filled.astype(np.int64))
 
 
 def _pad(rows: Any, fill: int, side: str = "right") -> torch.Tensor:
-    return pad_tokens(rows, fill, side)[0]
+    return torch.as_tensor(_fill(rows, fill, side)[0])
 
 
 def to_tensors(f: dict[str, Any], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from recsys.config import SequenceConfig
-from recsys.features import ItemTokens
+from recsys.features import ItemTokens, pad_tokens
 from recsys.losses import full_softmax_loss
 from recsys.sequence import SequenceModel, SequenceTower
 
@@ -104,11 +104,13 @@ def embed_all(encoder: nn.Module, tokens: ItemTokens, batch_size: int = 128) -> 
     was = encoder.training
     encoder.eval()
     n = len(tokens)
-    order = np.argsort([len(t) for t in tokens.ids_for(range(n))], kind="stable")  # similar lengths pad less
+    # Once: rows past the cache's budget are not tokenised a second time for their batch.
+    ids = tokens.ids_for(range(n))
+    order = np.argsort([len(t) for t in ids], kind="stable")  # similar lengths pad less
     out = torch.empty(0)
     for s in range(0, n, batch_size):
         rows = order[s : s + batch_size].tolist()
-        emb = encoder.encode_item(*tokens.batch(rows))  # (b, text_dim)
+        emb = encoder.encode_item(*pad_tokens([ids[r] for r in rows], tokens.pad_id, tokens.padding_side))  # (b, text_dim)
         if out.numel() == 0:
             out = torch.empty((n, emb.shape[1]), dtype=torch.float32)
         out[rows] = emb.float()
