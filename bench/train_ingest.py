@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -315,8 +316,10 @@ def _loop(config: dict[str, Any]) -> None:
 
         # Stream runs epochs for ever: a full pass stops at epoch 1's first batch, whose wait
         # is not timed (t_last below).
+        # As recsys.train: pre-tokenised batches are padded in Ray's fetch threads (Stream's prepare).
+        pad = functools.partial(to_tensors, pad_id=pad_id, padding_side=tokenizer.padding_side) if t.tokenize_in == "pipeline" else None
         first_epoch = itertools.takewhile(lambda eb: eb[0] == 0, Stream(shard, t.rows_per_batch, t.seed, 0, too_small="no full batch",
-                                                                             prefetch_batches=bench["prefetch"]))
+                                                                             prefetch_batches=bench["prefetch"], prepare=pad))
         stream = (b for _, b in first_epoch)
     else:
         stream = iter(_iter(shard, t, bench))
@@ -331,8 +334,11 @@ def _loop(config: dict[str, Any]) -> None:
             break
         if bench["loop"] == "iter" and bench["batch_format"] == "pyarrow":
             batch = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in batch.column_names}
-        tensors = (to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline"
-                   else collate(batch, items, tokenizer, cfg, negatives, caches))
+        if bench["loop"] == "stream" and t.tokenize_in == "pipeline":
+            tensors = batch  # padded by Stream's prepare
+        else:
+            tensors = (to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline"
+                       else collate(batch, items, tokenizer, cfg, negatives, caches))
         waits.append(time.perf_counter() - t_fetch)
         if t_first is None:
             t_first = time.perf_counter()

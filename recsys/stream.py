@@ -16,11 +16,12 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 log = logging.getLogger(__name__)
 
@@ -167,21 +168,42 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+class _HashAndPrepare(NumpyBatchCollateFn):
+    """Runs in Ray Data's format threads (`iter_torch_batches`' collate_fn), ahead of the
+    trainer's thread: each batch's row hashes and, while no resume is walking past consumed rows,
+    `prepare` of the batch (a batch a walk-past shortens is re-batched and prepared by the
+    caller instead). `prepare` must therefore be thread-safe: numpy and torch work, not a
+    tokenizer the trainer's thread also calls."""
+
+    def __init__(self, prepare: Callable[[dict[str, np.ndarray]], Any] | None, stream: Stream) -> None:
+        self.prepare, self.stream = prepare, stream
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
+        prepared = None if self.prepare is None or self.stream.walking else self.prepare(batch)
+        return {**batch, _HASH: row_hashes(batch)}, prepared
+
+
 class Stream:
     """(epoch, batch) for ever from `shard`, after walking past the rows in `consumed` (from
     `load_consumed` of the checkpoint; every rank gets the same) and recording what it yields.
     A rank's `save` writes what it consumed in the epochs still open; `owner` (one rank, rank 0)
-    also carries the consumed rows it was handed, so the ranks' files sum to the run's."""
+    also carries the consumed rows it was handed, so the ranks' files sum to the run's.
+
+    With `prepare` (a thread-safe function of a numpy batch, e.g. padding into tensors), the
+    stream yields (epoch, prepare(batch)), computed in Ray's fetch threads while the trainer
+    steps; the row hashes are computed there too."""
 
     def __init__(self, shard: Any, batch_size: int, seed: int, rank: int, too_small: str,
-                 resume: tuple[int, dict[int, Counter[int]]] = (0, {}), owner: bool = False, prefetch_batches: int = 1) -> None:
+                 resume: tuple[int, dict[int, Counter[int]]] = (0, {}), owner: bool = False, prefetch_batches: int = 1,
+                 prepare: Callable[[dict[str, np.ndarray]], Any] | None = None) -> None:
         self.shard, self.batch_size, self.seed, self.rank, self.too_small = shard, batch_size, seed, rank, too_small
-        self.prefetch_batches = prefetch_batches
+        self.prefetch_batches, self.prepare = prefetch_batches, prepare
         self.epoch, consumed = resume
         self.skip = {e: Counter(c) for e, c in consumed.items()}
         self.carried = {e: np.fromiter(c.elements(), dtype=np.uint64) for e, c in consumed.items()} if owner else {}
         self.mine: dict[int, list[np.ndarray]] = {}
         self.skipped_rows = 0
+        self.walking = False  # read by the fetch threads: no prepare while batches may lose rows
 
     def _walk_past(self, batch: dict[str, np.ndarray], skip: Counter[int], keys: np.ndarray) -> dict[str, np.ndarray]:
         """`batch` without the rows `skip` still holds (each taken off the multiset once)."""
@@ -195,31 +217,43 @@ class Stream:
         self.skipped_rows += int((~keep).sum())
         return batch if keep.all() else {k: v[keep] for k, v in batch.items()}
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def _out(self, batch: dict[str, np.ndarray], prepared: Any) -> tuple[int, Any]:
+        self.mine.setdefault(self.epoch, []).append(batch.pop(_HASH))
+        if self.prepare is None:
+            return self.epoch, batch
+        return self.epoch, self.prepare(batch) if prepared is None else prepared
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
         t0 = time.perf_counter()
         while True:
             got = False
             skip = self.skip.pop(self.epoch, Counter())
             keys = np.fromiter(skip, dtype=np.uint64, count=len(skip))
             left = skip.total()
+            self.walking = bool(left)
             pending: list[dict[str, np.ndarray]] = []
             n_pending = 0
-            for batch in self.shard.iter_batches(
-                batch_size=self.batch_size, batch_format="numpy", drop_last=True,
-                local_shuffle_buffer_size=max(4 * self.batch_size, 256), local_shuffle_seed=self.seed + self.epoch,
-                prefetch_batches=self.prefetch_batches,
+            for batch, prepared in self.shard.iter_torch_batches(
+                batch_size=self.batch_size, collate_fn=_HashAndPrepare(self.prepare, self), device="cpu",
+                drop_last=True, local_shuffle_buffer_size=max(4 * self.batch_size, 256),
+                local_shuffle_seed=self.seed + self.epoch, prefetch_batches=self.prefetch_batches,
             ):
                 got = True
-                batch = {**batch, _HASH: row_hashes(batch)}
                 if left:
                     before = self.skipped_rows
                     batch = self._walk_past(batch, skip, keys)
                     left -= self.skipped_rows - before
-                    if not left and self.rank == 0:
-                        log.info("resume: walked past the %d consumed rows of epoch %d in %.1fs", self.skipped_rows,
-                                 self.epoch, time.perf_counter() - t0)
+                    if not left:
+                        self.walking = False
+                        if self.rank == 0:
+                            log.info("resume: walked past the %d consumed rows of epoch %d in %.1fs", self.skipped_rows,
+                                     self.epoch, time.perf_counter() - t0)
                 n = len(batch[_HASH])
                 if not n:
+                    continue
+                if not pending and n == self.batch_size:
+                    # Ray's whole batch as it came (drop_last): what the fetch thread prepared.
+                    yield self._out(batch, prepared)
                     continue
                 pending.append(batch)
                 n_pending += n
@@ -228,8 +262,7 @@ class Stream:
                     out = {k: v[:self.batch_size] for k, v in whole.items()}
                     pending = [{k: v[self.batch_size:] for k, v in whole.items()}] if n_pending > self.batch_size else []
                     n_pending -= self.batch_size
-                    self.mine.setdefault(self.epoch, []).append(out.pop(_HASH))
-                    yield self.epoch, out
+                    yield self._out(out, None)
             if not got:
                 raise ValueError(self.too_small)
             # Rows short of a whole batch after a resume's skip are not trained on this epoch

@@ -13,6 +13,7 @@ the ZeRO-3 shards are gathered and one consolidated model is exported (HF + sent
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -442,8 +443,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         validator = Validator(cfg, items.ids, items.texts, rank, world, batch_size=max(t.batch_size, 64))
     state = _resume(engine, cfg, rank, universal=universal)
     step = start_step = engine.global_steps
+    # Pre-tokenised batches are padded into tensors in Ray's fetch threads, during the step before;
+    # tokenising in the worker stays on this thread (the tokenizer is also used by validation here).
+    pad = functools.partial(to_tensors, pad_id=pad_id, padding_side=tokenizer.padding_side) if t.tokenize_in == "pipeline" else None
     stream = Stream(ray.train.get_dataset_shard("train"), t.rows_per_batch, t.seed, rank, resume=state.stream, owner=rank == 0,
-                    too_small=f"worker {rank} got no full batch of {t.rows_per_batch} examples: too few training examples for "
+                    prepare=pad, too_small=f"worker {rank} got no full batch of {t.rows_per_batch} examples: too few training examples for "
                               f"{world} workers; lower train.batch_size (train.contrastive_batch) or train.num_workers")
     batches = iter(stream)
     meter = _Meter()
@@ -455,7 +459,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # The first batch after a resume's skip: examples/s and data wait exclude the skip.
             meter.restart()
             t_fetch = time.perf_counter()
-        tensors = to_tensors(batch, pad_id, tokenizer.padding_side) if t.tokenize_in == "pipeline" else collate(batch, items, tokenizer, cfg, negatives, tokens)
+        tensors = batch if pad is not None else collate(batch, items, tokenizer, cfg, negatives, tokens)
         b = {k: v.to(engine.device) for k, v in tensors.items()}
         meter.add(tensors, time.perf_counter() - t_fetch)
 

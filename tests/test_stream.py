@@ -187,3 +187,49 @@ def test_a_checkpoint_hashed_another_way_restarts_its_epoch(tmp_path: Path, capl
     with caplog.at_level("WARNING"):
         assert load_consumed(tmp_path) == (3, {})
     assert "version 1" in caplog.text
+
+
+def _prepared_read(dataset, batches: int, resume=(0, {}), tmp=None) -> list[dict]:
+    """One rank's first `batches` batches with a `prepare` that records the rows it saw and the
+    thread it ran in."""
+    def prepare(b: dict[str, np.ndarray]) -> dict:
+        return {"keys": list(b["text"]), "w": b["w"].sum(), "thread": threading.get_ident(), "hash_seen": any(k.startswith("\x00") for k in b)}
+
+    stream = Stream(dataset.streaming_split(1, equal=True)[0], BATCH, seed=0, rank=0, too_small="too small", resume=resume,
+                    owner=True, prepare=prepare)
+    out = []
+    for _, p in stream:
+        out.append(p)
+        if len(out) == batches:
+            break
+    if tmp is not None:
+        stream.save(tmp)
+    return out
+
+
+def test_prepare_runs_in_rays_fetch_threads_and_a_resume_prepares_what_it_re_batches(dataset, tmp_path) -> None:
+    """Issue 19: `prepare` (the trainer's padding) runs ahead, in Ray's threads, on the batch as it
+    will be yielded; batches a resume's walk-past shortens are re-batched, then prepared on the
+    caller's thread. Either way each yielded value is prepare() of the batch a stream without
+    prepare yields, hashes excluded, and the consumed rows saved are the same."""
+    plain = _read(dataset, 1, batches=30)[0]
+    whole = _prepared_read(dataset, 30)
+    assert [p["keys"] for p in whole] == plain
+    assert not any(p["hash_seen"] for p in whole)
+    assert all(p["thread"] != threading.get_ident() for p in whole)
+
+    # A 1-worker checkpoint after 4 batches, resumed by 1 worker whose stream is the same: the
+    # walk-past drops whole leading batches, and the rest is what the uninterrupted run read.
+    _prepared_read(dataset, 4, tmp=tmp_path)
+    rest = _prepared_read(dataset, 26, resume=load_consumed(tmp_path))
+    assert [p["keys"] for p in rest] == plain[4:]
+
+    # Consumed by 2 workers, resumed by 1: batches lose rows in the walk-past and are re-batched.
+    two = tmp_path / "two"
+    two.mkdir()
+    consumed = _read(dataset, 2, batches=3, tmp=two)
+    mixed = _prepared_read(dataset, 20, resume=load_consumed(two))
+    assert all(len(p["keys"]) == BATCH for p in mixed)
+    seen = _rows(consumed) + Counter(k for p in mixed for k in p["keys"])
+    assert not seen - ALL, f"read twice: {seen - ALL}"
+    assert any(p["thread"] == threading.get_ident() for p in mixed)  # re-batched: prepared here
