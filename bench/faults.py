@@ -28,9 +28,13 @@ class Outage:
     error: BaseException | None = None
 
 
-def restart(server: LocalS3Server, down_s: float) -> tuple[float, float]:
-    """Stop the server by its PID, keep it down `down_s` seconds, start it on the same port."""
+def restart(server: LocalS3Server, down_s: float, hard: bool = False) -> tuple[float, float]:
+    """Stop the server by its PID (`hard`: SIGKILL, so requests in flight break at once), keep it
+    down `down_s` seconds, start it on the same port."""
     port = server.port
+    if hard and server.proc is not None:
+        server.proc.kill()
+        server.proc.wait()
     server.stop()
     down_at = time.monotonic()
     time.sleep(down_s)

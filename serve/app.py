@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.catalog import Catalog, ModelMismatch, load_catalog, model_id_at, open_encoder
 from serve.profiles import Profiles
+from serve.reload import Reloader
 from serve.schemas import (
     MAX_BODY_BYTES,
     AppArgs,
@@ -103,6 +104,7 @@ class Ingress:
         self.encoder: Any = None
         self.catalog: Catalog | None = None  # None with a separate Retriever
         self.model_uri = self.model_id = ""
+        self.reloader = Reloader()  # a failed swap keeps the current model serving (serve/reload.py)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         if "max_batch_size" in user_config:
@@ -114,8 +116,17 @@ class Ingress:
         source = tuple(user_config.get(k) or "" for k in SWAPPABLE)
         if not source[0]:
             return
+        expected = user_config.get("model_id") or ""
+        target = {**dict(zip(SWAPPABLE, source, strict=True)), "model_id": expected}
+        await self.reloader.to(target, lambda: self._load(source, expected), serving=self.encoder is not None)
+
+    async def _load(self, source: tuple[str, ...], expected: str) -> None:
+        c = self.catalog
+        if expected and (source[0], expected) == (self.model_uri, self.model_id) and (
+                self.retriever is not None or (c is not None and c.source == source and c.model_id == expected)):
+            return  # already served (a rolled-back swap): nothing to read, even with the store down
         # The identity at the URI, not the URI, decides: the same path may hold new weights.
-        model_id = await asyncio.to_thread(model_id_at, self.args, source[0], user_config.get("model_id") or "")
+        model_id = await asyncio.to_thread(model_id_at, self.args, source[0], expected)
         t = time.perf_counter()
         encoder, catalog = self.encoder, self.catalog
         # Loaded off the event loop: requests keep being served by the current model meanwhile.
@@ -289,7 +300,7 @@ class Ingress:
         enc = self.encoder
         out = {"model_uri": self.model_uri, "model_id": self.model_id, "retriever": "deployment" if self.retriever is not None else "in_replica",
                "dim": enc.dim if enc is not None else 0, "user_history_items": enc.user_history_items if enc is not None else 0,
-               "encoder_backend": getattr(enc, "backend", "")}
+               "encoder_backend": getattr(enc, "backend", ""), "load_error": self.reloader.error}
         if self.catalog is not None:
             out.update({k: v for k, v in self.catalog.info().items() if k not in out})
         return out
@@ -303,11 +314,19 @@ class Retriever:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs(**args)
         self.catalog: Catalog | None = None
+        self.reloader = Reloader()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         source = tuple(user_config.get(k) or "" for k in SWAPPABLE)
-        model_id = await asyncio.to_thread(model_id_at, self.args, source[0], user_config.get("model_id") or "") if source[0] else ""
+        expected = user_config.get("model_id") or ""
+        target = {**dict(zip(SWAPPABLE, source, strict=True)), "model_id": expected}
+        await self.reloader.to(target, lambda: self._load(source, expected), serving=self.catalog is not None)
+
+    async def _load(self, source: tuple[str, ...], expected: str) -> None:
         c = self.catalog
+        if expected and c is not None and c.source == source and c.model_id == expected:
+            return  # already served (a rolled-back swap): nothing to read
+        model_id = await asyncio.to_thread(model_id_at, self.args, source[0], expected) if source[0] else ""
         if c is None or c.source != source or model_id != c.model_id:
             self.catalog = await asyncio.to_thread(load_catalog, self.args, *source, model_id)
 
@@ -337,7 +356,8 @@ class Retriever:
         return self.catalog.size()
 
     def info(self) -> dict[str, Any]:
-        return self.catalog.info() if self.catalog is not None else {"model_uri": "", "model_id": "", "items_uri": "", "index_uri": ""}
+        out = self.catalog.info() if self.catalog is not None else {"model_uri": "", "model_id": "", "items_uri": "", "index_uri": ""}
+        return {**out, "load_error": self.reloader.error}
 
 
 def user_configs(a: AppArgs, model_id: str = "") -> dict[str, dict[str, Any]]:

@@ -149,29 +149,41 @@ def _apply(app: dict[str, Any]) -> None:
     client.deploy_apps(ServeDeploySchema(applications=[*others, app]))
 
 
-def _serving(name: str) -> tuple[Any, ...]:
+class ModelLoadFailed(RuntimeError):
+    """A replica could not load the model a deploy or swap asked for (its error attached)."""
+
+
+def _serving(name: str) -> tuple[tuple[Any, ...], list[dict[str, Any]]]:
     ing = serve.get_deployment_handle("Ingress", name).info.remote().result(timeout_s=10)
     cat = ing
     if ing.get("retriever") == "deployment":
         cat = serve.get_deployment_handle("Retriever", name).info.remote().result(timeout_s=10)
-    return ing["model_id"], cat["model_id"], ing["model_uri"], cat["model_uri"], cat["items_uri"]
+    errors = [e for e in (ing.get("load_error"), cat.get("load_error")) if e]
+    return (ing["model_id"], cat["model_id"], ing["model_uri"], cat["model_uri"], cat["items_uri"]), errors
 
 
 def _wait_serving(name: str, model_id: str, model_uri: str, items_uri: str, timeout_s: float) -> None:
     """Until the app is RUNNING and its replicas (and a separate Retriever) serve model
     `model_id` (the identity: the same URI may have held another model a moment ago) from
-    `model_uri`, over the catalog at `items_uri`."""
+    `model_uri`, over the catalog at `items_uri`. Raises ModelLoadFailed as soon as a replica
+    reports that it could not load that model (it keeps serving the one it has)."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
         try:
             st = serve.status().applications.get(name)
             if st is not None and str(st.status).endswith("RUNNING"):
-                last = _serving(name)
+                last, errors = _serving(name)
                 if last == (model_id, model_id, model_uri, model_uri, items_uri):
                     return
+                failed = [e for e in errors if e.get("model_uri") == model_uri and e.get("model_id", "") in ("", model_id)]
+                if failed:
+                    raise ModelLoadFailed(f"app {name!r}: a replica could not load model {model_id} from {model_uri} "
+                                          f"and serves model {last[0]} from {last[2]} still: {failed[0]['error']}")
             else:
                 last = f"{st.status}: {getattr(st, 'message', '')[:300]}" if st is not None else "absent"
+        except ModelLoadFailed:
+            raise
         except Exception as e:  # noqa: BLE001 - replicas starting up: keep waiting until the deadline
             last = repr(e)[:200]
         time.sleep(0.5)
@@ -220,7 +232,16 @@ def swap(name: str, model_uri: str, index_uri: str = "", items_uri: str = "", ti
     if "Retriever" in deployments:
         deployments["Retriever"] = {**deployments["Retriever"], "user_config": dict(new)}
     _apply({**app, "deployments": list(deployments.values())})
-    _wait_serving(name, new["model_id"], model_uri, new["items_uri"], timeout_s)
+    try:
+        _wait_serving(name, new["model_id"], model_uri, new["items_uri"], timeout_s)
+    except ModelLoadFailed as e:
+        # Declared back to the model the replicas still serve: a replica Serve starts meanwhile
+        # (autoscaling, a lost node) loads that one, not the one that failed, and a replica that
+        # did load the new model goes back (retrying in the background while the store is down).
+        _apply(app)
+        old = {k: ing.get(k, "") for k in ("model_id", "model_uri", "items_uri")}
+        raise ModelLoadFailed(f"{e}. The swap is rolled back: the app is declared to serve model {old['model_id']} "
+                              f"from {old['model_uri']} again; swap again once {model_uri} can be read") from e
 
 
 def deploy(cfg: Any) -> dict[str, Any]:
