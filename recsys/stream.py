@@ -170,16 +170,16 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 class _HashAndPrepare(NumpyBatchCollateFn):
     """Runs in Ray Data's format threads (`iter_torch_batches`' collate_fn), ahead of the
-    trainer's thread: each batch's row hashes and, while no resume is walking past consumed rows,
-    `prepare` of the batch (a batch a walk-past shortens is re-batched and prepared by the
-    caller instead). `prepare` must therefore be thread-safe: numpy and torch work, not a
+    trainer's thread: each batch's row hashes and `prepare` of the batch. The stream uses that
+    only for a batch it yields whole; one a resume's walk-past shortens is re-batched and
+    prepared by the caller. `prepare` must therefore be thread-safe: numpy and torch work, not a
     tokenizer the trainer's thread also calls."""
 
-    def __init__(self, prepare: Callable[[dict[str, np.ndarray]], Any] | None, stream: Stream) -> None:
-        self.prepare, self.stream = prepare, stream
+    def __init__(self, prepare: Callable[[dict[str, np.ndarray]], Any] | None) -> None:
+        self.prepare = prepare
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Any]:
-        prepared = None if self.prepare is None or self.stream.walking else self.prepare(batch)
+        prepared = None if self.prepare is None else self.prepare(batch)
         return {**batch, _HASH: row_hashes(batch)}, prepared
 
 
@@ -203,7 +203,6 @@ class Stream:
         self.carried = {e: np.fromiter(c.elements(), dtype=np.uint64) for e, c in consumed.items()} if owner else {}
         self.mine: dict[int, list[np.ndarray]] = {}
         self.skipped_rows = 0
-        self.walking = False  # read by the fetch threads: no prepare while batches may lose rows
 
     def _walk_past(self, batch: dict[str, np.ndarray], skip: Counter[int], keys: np.ndarray) -> dict[str, np.ndarray]:
         """`batch` without the rows `skip` still holds (each taken off the multiset once)."""
@@ -230,11 +229,10 @@ class Stream:
             skip = self.skip.pop(self.epoch, Counter())
             keys = np.fromiter(skip, dtype=np.uint64, count=len(skip))
             left = skip.total()
-            self.walking = bool(left)
             pending: list[dict[str, np.ndarray]] = []
             n_pending = 0
             for batch, prepared in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, collate_fn=_HashAndPrepare(self.prepare, self), device="cpu",
+                batch_size=self.batch_size, collate_fn=_HashAndPrepare(self.prepare), device="cpu",
                 drop_last=True, local_shuffle_buffer_size=max(4 * self.batch_size, 256),
                 local_shuffle_seed=self.seed + self.epoch, prefetch_batches=self.prefetch_batches,
             ):
@@ -243,16 +241,15 @@ class Stream:
                     before = self.skipped_rows
                     batch = self._walk_past(batch, skip, keys)
                     left -= self.skipped_rows - before
-                    if not left:
-                        self.walking = False
-                        if self.rank == 0:
-                            log.info("resume: walked past the %d consumed rows of epoch %d in %.1fs", self.skipped_rows,
-                                     self.epoch, time.perf_counter() - t0)
+                    if not left and self.rank == 0:
+                        log.info("resume: walked past the %d consumed rows of epoch %d in %.1fs", self.skipped_rows,
+                                 self.epoch, time.perf_counter() - t0)
                 n = len(batch[_HASH])
                 if not n:
                     continue
                 if not pending and n == self.batch_size:
-                    # Ray's whole batch as it came (drop_last): what the fetch thread prepared.
+                    # Ray's whole batch as it came (drop_last; a walk-past that drops a row
+                    # shortens it): what the fetch thread prepared.
                     yield self._out(batch, prepared)
                     continue
                 pending.append(batch)

@@ -300,7 +300,8 @@ class Ingress:
         enc = self.encoder
         out = {"model_uri": self.model_uri, "model_id": self.model_id, "retriever": "deployment" if self.retriever is not None else "in_replica",
                "dim": enc.dim if enc is not None else 0, "user_history_items": enc.user_history_items if enc is not None else 0,
-               "encoder_backend": getattr(enc, "backend", ""), "load_error": self.reloader.error}
+               "encoder_backend": getattr(enc, "backend", ""), "load_error": self.reloader.error,
+               "replica_id": serve.get_replica_context().replica_id.unique_id}
         if self.catalog is not None:
             out.update({k: v for k, v in self.catalog.info().items() if k not in out})
         return out
@@ -357,7 +358,7 @@ class Retriever:
 
     def info(self) -> dict[str, Any]:
         out = self.catalog.info() if self.catalog is not None else {"model_uri": "", "model_id": "", "items_uri": "", "index_uri": ""}
-        return {**out, "load_error": self.reloader.error}
+        return {**out, "load_error": self.reloader.error, "replica_id": serve.get_replica_context().replica_id.unique_id}
 
 
 def user_configs(a: AppArgs, model_id: str = "") -> dict[str, dict[str, Any]]:

@@ -153,41 +153,93 @@ class ModelLoadFailed(RuntimeError):
     """A replica could not load the model a deploy or swap asked for (its error attached)."""
 
 
-def _serving(name: str) -> tuple[tuple[Any, ...], list[dict[str, Any]]]:
-    ing = serve.get_deployment_handle("Ingress", name).info.remote().result(timeout_s=10)
-    cat = ing
-    if ing.get("retriever") == "deployment":
-        cat = serve.get_deployment_handle("Retriever", name).info.remote().result(timeout_s=10)
-    errors = [e for e in (ing.get("load_error"), cat.get("load_error")) if e]
-    return (ing["model_id"], cat["model_id"], ing["model_uri"], cat["model_uri"], cat["items_uri"]), errors
+def _replica_infos(name: str, deployment: str, ids: set[str]) -> dict[str, dict[str, Any]]:
+    """`info` of the deployment's replicas, by replica id. Handles route each call to one replica
+    of their choice, so several calls go out at once; a replica none reached is absent."""
+    handle = serve.get_deployment_handle(deployment, name)
+    calls = [handle.info.remote() for _ in range(max(2, 4 * len(ids)))]
+    out: dict[str, dict[str, Any]] = {}
+    for c in calls:
+        info = c.result(timeout_s=10)
+        out[info.get("replica_id", "")] = info
+    return out
 
 
 def _wait_serving(name: str, model_id: str, model_uri: str, items_uri: str, timeout_s: float) -> None:
-    """Until the app is RUNNING and its replicas (and a separate Retriever) serve model
-    `model_id` (the identity: the same URI may have held another model a moment ago) from
-    `model_uri`, over the catalog at `items_uri`. Raises ModelLoadFailed as soon as a replica
-    reports that it could not load that model (it keeps serving the one it has)."""
+    """Until the app is RUNNING and every replica of its Ingress (and of a separate Retriever)
+    serves model `model_id` (the identity: the same URI may have held another model a moment
+    ago) from `model_uri`, over the catalog at `items_uri`. Raises ModelLoadFailed as soon as a
+    replica reports that it could not load exactly that model (it keeps serving the one it
+    has): a replica that fails no longer keeps the app out of RUNNING."""
+    from ray.serve.context import _get_global_client
+
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
         try:
             st = serve.status().applications.get(name)
-            if st is not None and str(st.status).endswith("RUNNING"):
-                last, errors = _serving(name)
-                if last == (model_id, model_id, model_uri, model_uri, items_uri):
-                    return
-                failed = [e for e in errors if e.get("model_uri") == model_uri and e.get("model_id", "") in ("", model_id)]
-                if failed:
-                    raise ModelLoadFailed(f"app {name!r}: a replica could not load model {model_id} from {model_uri} "
-                                          f"and serves model {last[0]} from {last[2]} still: {failed[0]['error']}")
-            else:
+            if st is None or not str(st.status).endswith("RUNNING"):
                 last = f"{st.status}: {getattr(st, 'message', '')[:300]}" if st is not None else "absent"
+                time.sleep(0.5)
+                continue
+            deployments = _get_global_client().get_serve_details()["applications"][name]["deployments"]
+            pending: list[str] = []
+            for dep in ("Ingress", "Retriever"):
+                if dep not in deployments:
+                    continue
+                ids = {r["replica_id"] for r in deployments[dep]["replicas"] if str(r["state"]).endswith("RUNNING")}
+                infos = _replica_infos(name, dep, ids)
+                for rid, info in infos.items():
+                    e = info.get("load_error")
+                    if e and (e.get("model_uri"), e.get("model_id")) == (model_uri, model_id):
+                        raise ModelLoadFailed(f"app {name!r}: {dep} replica {rid} could not load model {model_id} from {model_uri} "
+                                              f"and serves model {info['model_id']} from {info['model_uri']} still: {e['error']}")
+                for rid in sorted(ids):
+                    info = infos.get(rid)
+                    with_items = dep == "Retriever" or info is not None and info.get("retriever") == "in_replica"
+                    if info is None or (info["model_id"], info["model_uri"]) != (model_id, model_uri) or (
+                            with_items and info.get("items_uri") != items_uri):
+                        pending.append(f"{dep} {rid}: " + ("not reached" if info is None else f"{info['model_id']} from {info['model_uri']}"))
+            if not pending:
+                return
+            last = "; ".join(pending)[:500]
         except ModelLoadFailed:
             raise
         except Exception as e:  # noqa: BLE001 - replicas starting up: keep waiting until the deadline
             last = repr(e)[:200]
         time.sleep(0.5)
     raise TimeoutError(f"app {name!r} did not come to serve model {model_id} ({model_uri}) within {timeout_s:.0f}s (last seen: {last})")
+
+
+def _deployed(name: str) -> dict[str, Any] | None:
+    from ray.serve.context import _get_global_client
+
+    current = _get_global_client().get_serve_details().get("applications", {}).get(name) or {}
+    return current.get("deployed_app_config") or None
+
+
+def _roll_back(name: str, previous: dict[str, Any], error: ModelLoadFailed, model_uri: str) -> ModelLoadFailed:
+    """Declare the app back to `previous` after `error` (a replica could not load `model_uri`),
+    so replicas Serve starts later load the model that is served, not the one that failed; wait
+    until every replica serves it again. Not when the old model is gone from its URI (re-exported
+    there since): the new declaration stays, and the replicas keep retrying it."""
+    ing = next((d.get("user_config") or {} for d in previous.get("deployments", []) if d.get("name") == "Ingress"), {})
+    old = {k: ing.get(k) or previous.get("args", {}).get(k, "") for k in ("model_id", "model_uri", "items_uri", "index_uri")}
+    try:
+        now = _check_deployable({**previous["args"], **old})
+    except Exception:  # noqa: BLE001 - the store may be what failed: the replicas still hold the old model
+        now = old["model_id"]
+    if old["model_id"] and now != old["model_id"]:
+        return ModelLoadFailed(f"{error}. Not rolled back: the model the app served before ({old['model_id']}) is no longer at "
+                               f"{old['model_uri']} (now {now}); the app stays declared to {model_uri} and its replicas retry it")
+    _apply(previous)
+    try:
+        _wait_serving(name, old["model_id"] or now, old["model_uri"], old["items_uri"], timeout_s=60)
+        where = "and every replica serves it"
+    except (ModelLoadFailed, TimeoutError) as e:
+        where = f"and a replica that had loaded the new model goes back to it, retrying until it can ({e})"
+    return ModelLoadFailed(f"{error}. The swap is rolled back: the app is declared to serve model {old['model_id']} from "
+                           f"{old['model_uri']} again, {where}; swap again once {model_uri} can be read")
 
 
 def _check_deployable(args: dict[str, Any]) -> str:
@@ -208,18 +260,21 @@ def deploy_args(args: dict[str, Any], name: str = "recsys", route_prefix: str = 
     declaratively; returns once it serves the model now at `args`' model_uri, by identity.
     Serve must be started (`serve.start`)."""
     model_id = _check_deployable(args)
+    previous = _deployed(name)
     _apply(app_config(args, name, route_prefix, model_id=model_id))
-    _wait_serving(name, model_id, args["model_uri"], args["items_uri"], timeout_s)
+    try:
+        _wait_serving(name, model_id, args["model_uri"], args["items_uri"], timeout_s)
+    except ModelLoadFailed as e:
+        if previous is None:
+            raise
+        raise _roll_back(name, previous, e, args["model_uri"]) from e
 
 
 def swap(name: str, model_uri: str, index_uri: str = "", items_uri: str = "", timeout_s: float = 600.0) -> None:
     """Point a running, declaratively deployed app at another model (and index / catalog):
     an in-place reconfigure, with no replica restart; requests keep being answered, each wholly
     by the old or wholly by the new model. Returns once the new model serves."""
-    from ray.serve.context import _get_global_client
-
-    current = _get_global_client().get_serve_details().get("applications", {}).get(name) or {}
-    app = current.get("deployed_app_config")
+    app = _deployed(name)
     if not app:
         raise ValueError(f"app {name!r} is not deployed declaratively (serve.control.deploy / serve deploy); a serve.run app is replaced, not swapped")
     deployments = {d["name"]: dict(d) for d in app.get("deployments", [])}
@@ -235,13 +290,7 @@ def swap(name: str, model_uri: str, index_uri: str = "", items_uri: str = "", ti
     try:
         _wait_serving(name, new["model_id"], model_uri, new["items_uri"], timeout_s)
     except ModelLoadFailed as e:
-        # Declared back to the model the replicas still serve: a replica Serve starts meanwhile
-        # (autoscaling, a lost node) loads that one, not the one that failed, and a replica that
-        # did load the new model goes back (retrying in the background while the store is down).
-        _apply(app)
-        old = {k: ing.get(k, "") for k in ("model_id", "model_uri", "items_uri")}
-        raise ModelLoadFailed(f"{e}. The swap is rolled back: the app is declared to serve model {old['model_id']} "
-                              f"from {old['model_uri']} again; swap again once {model_uri} can be read") from e
+        raise _roll_back(name, app, e, model_uri) from e
 
 
 def deploy(cfg: Any) -> dict[str, Any]:

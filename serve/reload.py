@@ -6,7 +6,8 @@ longer than its retries that one fails to load too: a swap then turns a store ou
 outage of the service. So a replica that already serves a model keeps serving it when the next
 fails to load: it records the failure (`error`, shown by the deployment's `info`, which
 serve/control.py's swap waits on and reports, then rolls the app back), and retries in the
-background with backoff until it loads or another target is declared. A replica serving
+background with backoff until it loads or another target is declared. A refusal (ValueError:
+another model than the declared one at the URI, an index of another model) is not retried. A replica serving
 nothing yet raises, as before, and Serve replaces it until the store is back."""
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Reloader:
             if not serving:
                 raise
             self._failed(target, e)
-            self._task = asyncio.get_running_loop().create_task(self._retry(target, load))
+            if not isinstance(e, ValueError):  # a refusal (another model at the URI) will not pass on retry
+                self._task = asyncio.get_running_loop().create_task(self._retry(target, load))
             return
         self.error = None
 
@@ -62,6 +64,9 @@ class Reloader:
                 raise
             except Exception as e:  # noqa: BLE001 - recorded and retried: the store may come back
                 self._failed(target, e)
+                if isinstance(e, ValueError):
+                    self._task = None
+                    return
                 delay = min(2 * delay, self.max_retry_s)
                 continue
             log.info("loaded model %s from %s after %d retries", target.get("model_id") or "?", target.get("model_uri"), self.retries)

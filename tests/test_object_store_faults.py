@@ -178,8 +178,8 @@ def test_a_replica_loads_its_model_while_the_object_store_restarts(ray_cluster: 
 @pytest.mark.slow
 def test_a_swap_during_an_outage_longer_than_the_retries_keeps_the_old_model_serving(  # noqa: ANN001
         ray_cluster: None, s3_server, s3_storage, tiny_model, tmp_path) -> None:
-    """The store goes down (SIGKILL, for 30 s, past the retries) as the replica starts reading the
-    new model. Serve restarts a replica whose reconfigure raises, and a restarted one cannot load
+    """The store goes down (SIGKILL, for 30 s, past the retries) as the replicas (two) start reading
+    the new model. Serve restarts a replica whose reconfigure raises, and a restarted one cannot load
     while the store is down: that turned a failed swap into an outage. Now the replica keeps
     serving the old model, the swap raises naming the model and the store's error and declares
     the app back to the old model, every request is answered by the old model, the replica is
@@ -215,7 +215,7 @@ def test_a_swap_during_an_outage_longer_than_the_retries_keeps_the_old_model_ser
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = "s3-swap"
     args = {"model_uri": uris["export-a"], "items_uri": uris["items-a"], "s3_endpoint": s3_storage.s3_endpoint,
-            "s3_max_attempts": 2, "max_replicas": 1, "replica_cpus": 0.2}
+            "s3_max_attempts": 2, "min_replicas": 2, "max_replicas": 2, "replica_cpus": 0.2}
     answers: list[tuple[float, int, Any]] = []
     stop = threading.Event()
 
@@ -233,7 +233,7 @@ def test_a_swap_during_an_outage_longer_than_the_retries_keeps_the_old_model_ser
         offset = logging_requests(s3_server)
 
         def reading_b() -> dict[str, int] | None:
-            # The driver reads b's recsys_model.json once; the replica reads it, then the weights.
+            # The driver reads b's recsys_model.json once; each replica reads it, then the weights.
             n = gets(s3_server, bucket, f"{prefix}/export-b/", offset)
             return {"export_b_gets": n} if n >= 3 else None
 

@@ -75,3 +75,20 @@ def test_a_newer_target_cancels_the_retry_of_the_failed_one() -> None:
         assert m.serving == "a" and r.error is None and m.calls == calls
 
     asyncio.run(go())
+
+
+def test_a_refusal_is_reported_and_not_retried() -> None:
+    """Another model than the declared one at the URI will not pass on retry."""
+    r = Reloader(first_retry_s=0.01, max_retry_s=0.01)
+    calls = []
+
+    async def refused() -> None:
+        calls.append(1)
+        raise ValueError("the model at u is m2, but this deployment was deployed with model m1")
+
+    async def go() -> None:
+        await r.to({"model_uri": "u", "model_id": "m1"}, refused, serving=True)
+        await asyncio.sleep(0.1)
+
+    asyncio.run(go())
+    assert calls == [1] and "deployed with model m1" in r.error["error"]
