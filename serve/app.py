@@ -61,6 +61,14 @@ SWAP_WAIT_S = 30.0
 # loaded in `reconfigure`, off the event loop, beside the current model (serve/control.py).
 SWAPPABLE = ("model_uri", "items_uri", "index_uri")
 
+
+def _reload_target(user_config: dict[str, Any]) -> tuple[tuple[str, ...], str, dict[str, str]]:
+    """A user_config's swappable URIs, the model id it expects there, and both as the target a
+    replica's Reloader records."""
+    source = tuple(user_config.get(k) or "" for k in SWAPPABLE)
+    expected = user_config.get("model_id") or ""
+    return source, expected, {**dict(zip(SWAPPABLE, source, strict=True)), "model_id": expected}
+
 api = FastAPI(title="recsys", description="Search, recommendation and scoring from a fine-tuned two-tower model.", max_body_size=MAX_BODY_BYTES)
 
 
@@ -113,11 +121,9 @@ class Ingress:
             self.encode_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "batching" in user_config:
             self.batching = bool(user_config["batching"])
-        source = tuple(user_config.get(k) or "" for k in SWAPPABLE)
+        source, expected, target = _reload_target(user_config)
         if not source[0]:
             return
-        expected = user_config.get("model_id") or ""
-        target = {**dict(zip(SWAPPABLE, source, strict=True)), "model_id": expected}
         await self.reloader.to(target, lambda: self._load(source, expected), serving=self.encoder is not None)
 
     async def _load(self, source: tuple[str, ...], expected: str) -> None:
@@ -318,9 +324,7 @@ class Retriever:
         self.reloader = Reloader()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        source = tuple(user_config.get(k) or "" for k in SWAPPABLE)
-        expected = user_config.get("model_id") or ""
-        target = {**dict(zip(SWAPPABLE, source, strict=True)), "model_id": expected}
+        source, expected, target = _reload_target(user_config)
         await self.reloader.to(target, lambda: self._load(source, expected), serving=self.catalog is not None)
 
     async def _load(self, source: tuple[str, ...], expected: str) -> None:
