@@ -6,10 +6,13 @@ work of POST /search), (b) a plain FastAPI + uvicorn process serving the same mo
 (what a user would write by hand: one sync endpoint, one worker), (c) the Serve app without
 dynamic batching, (d) the Serve app with `@serve.batch`. Prints p50 / p99 latency and
 requests/s of each, and the ratios the serving issue sets as goals: Serve's added p50 over
-in-process at 1 client, and batching's throughput gain at 16 clients.
+in-process at 1 client, and batching's throughput gain at 16 clients. `--ingress haproxy,proxy`
+runs (c) and (d) again behind Serve's Python proxy, on a Ray cluster of its own, and prints the
+two ingresses side by side (the first is the one the ratios are of).
 
     python -m bench.serve_load [--model bundled|tiny-random|PATH] [--items 2000] [--requests 300]
         [--batch-sizes 8,16,32] [--waits-ms 1,5]   (a sweep of @serve.batch settings at 16 clients)
+        [--ingress haproxy,proxy]
 
 Both sides run the model on one thread: Ray gives a replica OMP_NUM_THREADS=1 for its CPU share,
 and the in-process side is set to match, so the comparison is of the serving path, not of threads.
@@ -236,6 +239,24 @@ def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], 
         serve.shutdown()
 
 
+# What each ingress sets in the cluster's environment before Ray starts (Serve reads these in its
+# controller, proxies and replicas). "haproxy" is this project's default (recsys.runtime).
+INGRESS_ENV = {"haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}, "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}}
+
+
+def _use_ingress(name: str) -> None:
+    """A fresh local Ray cluster whose Serve uses the ingress `name`."""
+    import ray
+
+    from recsys.runtime import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.update(INGRESS_ENV[name])
+    ensure_ray(num_cpus=4)
+    print(f"ingress={name}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bundled", help="bundled (MiniLM), tiny-random, or a model path")
@@ -247,6 +268,9 @@ def main() -> None:
     p.add_argument("--mode", default="dense", choices=["dense", "lexical", "hybrid"], help="POST /search mode of the Serve runs")
     p.add_argument("--batch-sizes", default="", help="comma list: also sweep @serve.batch max_batch_size at 16 clients")
     p.add_argument("--waits-ms", default="2,5,10", help="comma list of batch_wait_timeout_s (ms) for the sweep")
+    p.add_argument("--ingress", default="haproxy", help="comma list of Serve ingresses to run, each on its own Ray "
+                   "cluster: haproxy (HAProxy in front of replicas that speak HTTP themselves) and/or proxy (Serve's "
+                   "Python proxy actor); the first one's rows give the ratios, the others are printed beside them")
     p.add_argument("--plain-server", type=int, default=0, help=argparse.SUPPRESS)  # internal: run the baseline server
     p.add_argument("--items-dir", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -257,7 +281,6 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from recsys.encoder import resolve_model_path
-    from recsys.runtime import ensure_ray
 
     model = resolve_model_path(a.model)
     items = _items(a.items)
@@ -265,7 +288,11 @@ def main() -> None:
     pq.write_table(items, items_dir / "part-00000.parquet")
     clients = [1, 16]
     n = {1: a.requests, 16: 2 * a.requests}
-    ensure_ray(num_cpus=4)
+    ingresses = [x for x in a.ingress.split(",") if x]
+    bad = [x for x in ingresses if x not in INGRESS_ENV]
+    if bad or not ingresses:
+        p.error(f"--ingress: {bad or a.ingress!r} not in {sorted(INGRESS_ENV)}")
+    _use_ingress(ingresses[0])
     results: dict[str, dict[int, dict[str, float]]] = {"in_process": {}}
     for c in clients:
         results["in_process"][c] = bench_in_process(model, items, c, n[c], a.budget_s)
@@ -273,10 +300,15 @@ def main() -> None:
     results["fastapi_uvicorn"] = bench_plain(model, str(items_dir), clients, n, a.budget_s)
     for c in clients:
         print(f"fastapi+uvicorn   clients={c:2d} {results['fastapi_uvicorn'][c]}", flush=True)
-    for name, batching in (("serve_no_batching", False), ("serve_batching", True)):
-        results[name] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s, a.mode)
-        for c in clients:
-            print(f"{name:17s} clients={c:2d} {results[name][c]}", flush=True)
+    # The other ingresses first, so that the first one's cluster stays up for the sweep below.
+    for ingress in [*ingresses[1:], ingresses[0]]:
+        if ingress != ingresses[0] or len(ingresses) > 1:
+            _use_ingress(ingress)
+        suffix = "" if ingress == ingresses[0] else f"_{ingress}"
+        for name, batching in (("serve_no_batching", False), ("serve_batching", True)):
+            results[name + suffix] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s, a.mode)
+            for c in clients:
+                print(f"{name + suffix:17s} clients={c:2d} {results[name + suffix][c]}", flush=True)
 
     print(f"\nmodel={a.model} items={a.items} (loopback HTTP, POST /search k=10 mode={a.mode}; in-process is dense)")
     print(f"{'system':18s} {'clients':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
@@ -302,9 +334,17 @@ def main() -> None:
           f"plain FastAPI + uvicorn adds {plain_added:+.2f} ms")
     print(f"batching throughput gain at 16 clients: {gain:.2f}x over Serve without batching (goal >= 2x); "
           f"{vs_inproc:.2f}x of in-process threads")
+    others: dict[str, dict[str, float]] = {}
+    for ingress in ingresses[1:]:
+        o_added = results[f"serve_no_batching_{ingress}"][1]["p50_ms"] - results["in_process"][1]["p50_ms"]
+        o_rps = results[f"serve_batching_{ingress}"][16]["req_per_s"]
+        others[ingress] = {"added_p50_ms": round(o_added, 2), "batching_req_per_s_16": o_rps}
+        print(f"ingress {ingresses[0]} vs {ingress}: added p50 {added:+.2f} vs {o_added:+.2f} ms at 1 client; "
+              f"with batching at 16 clients {results['serve_batching'][16]['req_per_s']:.1f} vs {o_rps:.1f} req/s "
+              f"({results['serve_batching'][16]['req_per_s'] / o_rps:.2f}x)")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"model": a.model, "items": a.items, "results": results,
+    summary = {"model": a.model, "items": a.items, "ingress": ingresses[0], "other_ingresses": others, "results": results,
                "serve_added_p50_ms": {"no_batching": round(added, 2), "batching": round(added_b, 2)},
                "fastapi_uvicorn_added_p50_ms": round(plain_added, 2),
                "batching_gain_16": round(gain, 2), "batching_vs_in_process_16": round(vs_inproc, 2)}

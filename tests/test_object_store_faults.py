@@ -34,6 +34,7 @@ def _rows_on_disk(files: list[Path]) -> int:
     return sum(sum(1 for line in f.read_bytes().splitlines() if line.strip()) for f in files)
 
 
+@pytest.mark.slow  # 25-65 s here; the default suite is kept near 15 minutes
 def test_prepare_finishes_when_the_object_store_restarts_mid_read(ray_cluster: None, s3_server, s3_storage) -> None:  # noqa: ANN001
     from recsys.data.prepare import run
 
@@ -115,6 +116,7 @@ def test_prepare_outlasted_by_an_outage_stops_naming_the_read_and_a_rerun_finish
     assert c["rows_in"] == c["rows_kept"] + c["rows_quarantined"] == on_disk == manifest["source"]["synthetic"]["events"]
 
 
+@pytest.mark.slow  # 25-65 s here; the default suite is kept near 15 minutes
 def test_a_replica_loads_its_model_while_the_object_store_restarts(ray_cluster: None, s3_server, s3_storage, tiny_model, tmp_path) -> None:  # noqa: ANN001
     import httpx
     import numpy as np

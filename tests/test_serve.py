@@ -303,7 +303,7 @@ def test_serve_config_yaml_validates() -> None:
     from serve.control import check_app_config
 
     text = (REPO / "serve" / "config.yaml").read_text()
-    assert text.startswith("# serve run")
+    assert text.startswith("# RAY_SERVE_ENABLE_HA_PROXY=1 serve run")
     cfg = ServeDeploySchema.model_validate(yaml.safe_load(text))
     app = cfg.applications[0].model_dump(exclude_unset=True)
     served = check_app_config(app)

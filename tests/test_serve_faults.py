@@ -48,6 +48,7 @@ def two_replicas(ray_cluster, tiny_model, tmp_path_factory):
     serve.delete("faults")
     with contextlib.suppress(ValueError):  # a store that died for good (the defect) is not found
         ray.kill(ray.get_actor(store, namespace="recsys"), no_restart=True)
+    serve.shutdown()  # the next module starts Serve on its own HTTP port
 
 
 def _profiles(store: str, users: list[str]) -> dict[str, dict]:
@@ -99,15 +100,16 @@ def test_a_killed_profile_store_restarts_with_the_same_profiles(two_replicas) ->
 
 def test_losing_a_replica_or_the_store_under_load(two_replicas) -> None:
     """Issue 18: one of two Ingress replicas killed mid-traffic (closed-loop /search and
-    /recommend): only requests in flight on it fail (Serve's proxy answers them 500 and retries
-    none: it retries only requests not yet accepted by a replica), so a failed first attempt is a
-    500, at most one per client, and one client retry gets each answered; Serve replaces the replica.
+    /recommend): only requests in flight on it fail, at most one per client, and one client retry
+    gets each answered; Serve replaces the replica. Nothing retries a request a replica accepted:
+    behind HAProxy (the default ingress) its connection closes without an answer
+    (RemoteProtocolError), behind Serve's proxy it is answered 500.
     The store killed mid-traffic (events too): calls to it wait for its restart, none fails, and
     no acknowledged event is lost."""
     url, ids = two_replicas["url"], two_replicas["ids"]
     out = rl.replica_loss(url, "faults", ids, want_replicas=2, clients=CLIENTS, before_s=2, after_s=2, retries=2)
     assert out["requests"] > 50, out
-    assert set(out["errors"]) <= {"500"} and sum(out["errors"].values()) <= CLIENTS, out
+    assert set(out["errors"]) <= {"500", "RemoteProtocolError"} and sum(out["errors"].values()) <= CLIENTS, out
     assert out["failed_after_retries"] == {}, out
     assert out["killed"] not in rl.running("faults") and len(rl.running("faults")) == 2
 
@@ -130,6 +132,7 @@ def test_sustained_load_windows_count_every_error_and_fit_rss_slopes() -> None:
     assert sl.slope_mib_per_min([30.0], [100.0]) is None
 
 
+@pytest.mark.slow  # 25-65 s here; the default suite is kept near 15 minutes
 def test_sustained_load_at_capacity_answers_every_request(two_replicas) -> None:
     """Issue 18, sustained load (bounded here: the bench runs 10 minutes): the capacity search,
     then closed-loop /search, /events, /recommend for 2 windows with no client retries. Every

@@ -307,6 +307,7 @@ def test_an_outage_longer_than_the_retries_fails_the_run_and_a_resubmit_resumes(
         assert _files(run_dir(s3_server, cfg) / name) == set(outage.seen["whole"]), name
 
 
+@pytest.mark.slow  # 25-65 s here; the default suite is kept near 15 minutes
 def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint(prepared, s3_server) -> None:
     """Issue 18: a worker is SIGKILLed while its checkpoint is half uploaded (the S3 server is
     frozen with SIGSTOP in the middle of the upload, so the kill lands there). Ray Train
